@@ -1,0 +1,238 @@
+"""Saving and loading models: vlm directories, open_clip names and files, Hugging Face CLIP directories.
+
+Loading never executes code from a checkpoint: safetensors by default, and `.pt`/`.bin` files only
+through ``torch.load(weights_only=True)``, with no fallback to unrestricted unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .config import PRESETS, CLIPConfig, get_preset
+from .model import CLIP, create_model
+
+__all__ = ["save_pretrained", "load_pretrained", "load", "load_state_dict_file"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "vlm-clip"
+FORMAT_VERSION = 1
+
+
+def save_pretrained(model: CLIP, directory: str | Path) -> Path:
+    """Writes `config.json` and `model.safetensors` into `directory` (created if needed).
+
+    Each file is written aside and renamed into place, so a crash never leaves a half-written file
+    under the final name. Shared tensors (``share_transformer=True``) are stored once.
+    """
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **model.config.to_dict()}
+    with _atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_model(model, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
+    with _atomic_path(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+class _atomic_path:
+    """A temporary path next to `final`, renamed onto it (after fsync) when the block succeeds."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.final)
+
+
+def read_config(directory: str | Path) -> CLIPConfig:
+    path = Path(directory) / CONFIG_NAME
+    data = json.loads(path.read_text())
+    if data.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{path} is not a vlm config (model_type={data.get('model_type')!r})")
+    if data.get("format_version", 1) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer vlm (format {data['format_version']}); upgrade vlm")
+    data.pop("model_type")
+    return CLIPConfig.from_dict(data)
+
+
+def load_pretrained(
+    directory: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> CLIP:
+    """Reads a directory written by `save_pretrained`, bit-exactly."""
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ValueError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    model = CLIP(config, device="meta").to_empty(device="cpu")
+    try:
+        load_model(model, str(weights), strict=True)
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise ValueError(f"could not read weights from {weights}: {err}") from err
+    return model.to(device=device, dtype=dtype)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Tensors from a `.safetensors` file, or from a `.pt`/`.bin`/`.pth` file with `weights_only=True`.
+
+    Checkpoints that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped, and a
+    ``module.`` prefix left by DistributedDataParallel is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path} could not be loaded with torch.load(weights_only=True) ({err}); vlm never unpickles "
+            "arbitrary objects: re-save the weights as a plain state dict or as safetensors"
+        ) from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _from_state_dict(state: Mapping[str, Tensor], config: CLIPConfig, source: str) -> CLIP:
+    from .convert import detect_state_dict_format, from_open_clip, hf_state_dict_to_vlm, _load_into
+
+    kind = detect_state_dict_format(state)
+    if kind == "open_clip":
+        return from_open_clip(state, config)
+    converted = hf_state_dict_to_vlm(state, config) if kind == "hf" else dict(state)
+    model = CLIP(config, device="meta").to_empty(device="cpu")
+    try:
+        return _load_into(model, converted)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"{source}: {err}") from err
+
+
+def load(
+    name_or_path: str | Path,
+    pretrained: str | Path | None = None,
+    *,
+    config: CLIPConfig | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> CLIP:
+    """Any model vlm can read, as a vlm `CLIP`.
+
+    - a directory from `save_pretrained` (``config.json`` + ``model.safetensors``);
+    - a Hugging Face CLIP directory (``config.json`` with ``model_type: clip``), or a repo id such as
+      ``"openai/clip-vit-base-patch32"`` (downloaded by transformers when online);
+    - an open_clip model name with a pretrained tag, ``load("ViT-B-32", pretrained="laion2b_s34b_b79k")``
+      (downloaded through open_clip's own machinery when online, its cache offline), or with a local
+      weights file, ``load("ViT-B-32", pretrained="/path/open_clip_pytorch_model.bin")``;
+    - a preset name alone: random weights;
+    - a weights file with `config=` given.
+    """
+    model = _load(str(name_or_path), pretrained, config)
+    return model.to(device=device, dtype=dtype)
+
+
+def _load(name: str, pretrained: str | Path | None, config: CLIPConfig | None) -> CLIP:
+    path = Path(name)
+    if path.is_dir():
+        return _load_dir(path)
+    if path.is_file():
+        if config is None and (path.parent / CONFIG_NAME).is_file():
+            return _load_dir(path.parent)
+        if config is None:
+            raise ValueError(f"{path} is a bare weights file: pass config= (e.g. vlm.get_preset('ViT-B-32'))")
+        return _from_state_dict(load_state_dict_file(path), config, str(path))
+    if pretrained is not None and Path(pretrained).is_file():
+        base = config or _config_for_name(name)
+        return _from_state_dict(load_state_dict_file(pretrained), base, str(pretrained))
+    if name in PRESETS and pretrained is None:
+        return create_model(config or get_preset(name))
+    if pretrained is not None or name.startswith("hf-hub:"):
+        return _load_open_clip(name, pretrained)
+    if "/" in name and not name.startswith(("/", ".")):
+        from .convert import from_hf
+
+        return from_hf(name)
+    raise ValueError(
+        f"cannot load {name!r}: it is not a directory, a file, a preset ({', '.join(PRESETS)}), an open_clip "
+        "name with pretrained=..., nor a Hugging Face repo id"
+    )
+
+
+def _load_dir(path: Path) -> CLIP:
+    config_path = path / CONFIG_NAME
+    if (path / "open_clip_config.json").is_file():
+        return _load_open_clip(f"local-dir:{path}", None)
+    if not config_path.is_file():
+        raise ValueError(f"{path} holds no {CONFIG_NAME}; expected a directory written by save_pretrained")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type == MODEL_TYPE:
+        return load_pretrained(path)
+    if model_type == "clip":
+        from .convert import from_hf
+
+        return from_hf(path)
+    raise ValueError(f"{config_path} has model_type {model_type!r}; vlm reads {MODEL_TYPE!r} and Hugging Face 'clip'")
+
+
+def _config_for_name(name: str) -> CLIPConfig:
+    if name in PRESETS:
+        return get_preset(name)
+    from .convert import config_from_open_clip
+
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown model name {name!r}: not a vlm preset nor an open_clip model")
+    return config_from_open_clip(open_clip.create_model(name, device="meta"))
+
+
+def _load_open_clip(name: str, pretrained: str | Path | None) -> CLIP:
+    import open_clip
+
+    from .convert import from_open_clip
+
+    try:
+        oc_model = open_clip.create_model(name, pretrained=None if pretrained is None else str(pretrained))
+    except RuntimeError as err:
+        raise ValueError(
+            f"open_clip could not provide {name!r} with pretrained={pretrained!r} ({err}); offline, the "
+            "weights must already be in open_clip's cache or given as a local file"
+        ) from err
+    return from_open_clip(oc_model)

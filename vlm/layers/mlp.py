@@ -1,0 +1,46 @@
+"""The Transformer's position-wise MLP and the activations CLIP checkpoints use."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Mlp", "QuickGELU", "get_act_layer"]
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def get_act_layer(name: str) -> type[nn.Module]:
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(_ACTIVATIONS)}") from None
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2, as in timm and open_clip (`c_fc`/`c_proj` there)."""
+
+    def __init__(
+        self,
+        width: int,
+        hidden_width: int,
+        *,
+        act_layer: type[nn.Module] = nn.GELU,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden_width, device=device, dtype=dtype)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_width, width, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))

@@ -1,0 +1,42 @@
+"""Images to patch tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PatchEmbed"]
+
+
+class PatchEmbed(nn.Module):
+    """A stride-`patch_size` convolution: (B, 3, H, W) -> (B, H/p * W/p, C), patches in row-major order."""
+
+    def __init__(
+        self,
+        patch_size: int,
+        width: int,
+        in_chans: int = 3,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        # No bias: CLIP's patch embedding has none (the position embedding plays that role).
+        self.proj = nn.Conv2d(in_chans, width, patch_size, stride=patch_size, bias=False, device=device, dtype=dtype)
+
+    def grid(self, images: Tensor) -> tuple[int, int]:
+        """The (rows, columns) of patches an image batch produces."""
+        if images.ndim != 4 or images.shape[1] != self.proj.in_channels:
+            raise ValueError(
+                f"expected images of shape (B, {self.proj.in_channels}, H, W), got {tuple(images.shape)}; "
+                "batch single images with .unsqueeze(0)"
+            )
+        H, W = images.shape[-2:]
+        if H < self.patch_size or W < self.patch_size:
+            raise ValueError(f"image of {H}x{W} pixels is smaller than one {self.patch_size}-pixel patch")
+        return H // self.patch_size, W // self.patch_size
+
+    def forward(self, images: Tensor) -> Tensor:
+        self.grid(images)
+        return self.proj(images).flatten(2).transpose(1, 2)  # (B, N, C)
