@@ -1,0 +1,409 @@
+"""The training run's configuration: frozen dataclasses nested like the parts they build, read from
+JSON or YAML and overridden from the command line with dotted keys (``optim.lr=1e-3``).
+
+Unknown keys and values of the wrong type are errors that name the dotted key, what was expected and
+the fix; every section validates its own values on construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "LossConfig",
+    "CheckpointConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "TrainConfig",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+DATA_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "hf", "imagefolder", "webdataset")
+LOSSES = ("clip", "siglip")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def _positive(owner: str, name: str, value: Any, *, zero_ok: bool = False) -> None:
+    low_ok = value >= 0 if zero_ok else value > 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low_ok or not math.isfinite(value):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{owner}.{name} must be a number {bound}, got {value!r}")
+
+
+def _choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the image-text pairs come from and how they are batched."""
+
+    # A table (.csv, .tsv, .jsonl, .parquet), a Hugging Face dataset (name, saved directory, or an
+    # imagefolder directory with a metadata file) or tar shards ("shards/{00000..00009}.tar", a glob).
+    train: str = ""
+    format: str = "auto"
+    # None picks the usual name for the format: "image"/"caption" in tables, the image feature and
+    # "text"/"caption" in Hugging Face datasets, jpg/png/webp and "txt" in tar shards.
+    image_column: str | None = None
+    text_column: str | None = None
+    # Relative image paths in a table resolve against this folder; None: the table's own folder.
+    image_root: str | None = None
+    split: str = "train"
+    # Held-out pairs for image-text retrieval during evaluation (same kinds of source as `train`).
+    eval: str | None = None
+    eval_split: str = "test"
+    # Global batch: the pairs of one optimiser step, over all processes and accumulation micro-batches.
+    batch_size: int = 256
+    num_workers: int = 2
+    augment: bool = True
+    # Streamed sources (tar shards) are shuffled through a buffer of this many samples.
+    shuffle_buffer: int = 1000
+    # A sample that takes longer than this to load and decode is skipped, so one stuck file (a hung
+    # network mount, a pathological image) never stalls the run. 0 turns the limit off.
+    sample_timeout: float = 30.0
+    # How many skipped samples are logged by name before only the count goes on.
+    show_failures: int = 10
+
+    def __post_init__(self) -> None:
+        _choice("data", "format", self.format, DATA_FORMATS)
+        for name in ("batch_size", "shuffle_buffer"):
+            _positive("data", name, getattr(self, name))
+        for name in ("num_workers", "sample_timeout", "show_failures"):
+            _positive("data", name, getattr(self, name), zero_ok=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train: a preset from scratch, a saved or converted checkpoint, or a locked tower."""
+
+    # A preset (`vlm presets`), a directory from save_pretrained, a Hugging Face CLIP directory, or an
+    # open_clip name with `pretrained`.
+    name: str = "tiny"
+    pretrained: str | None = None
+    # CLIPConfig changes for a preset, e.g. {"embed_dim": 64, "vision": {"patch_size": 8}}.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # LiT: freeze the image tower; its last `unlocked_blocks` blocks (with the final norm and
+    # projection) stay trainable.
+    lock_image: bool = False
+    unlocked_blocks: int = 0
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model.name is empty; give a preset name (see `vlm presets`) or a model directory")
+        _positive("model", "unlocked_blocks", self.unlocked_blocks, zero_ok=True)
+        if self.unlocked_blocks and not self.lock_image:
+            raise ValueError(
+                f"model.unlocked_blocks={self.unlocked_blocks} only applies to a locked image tower; "
+                "set model.lock_image=true or drop model.unlocked_blocks"
+            )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW; weight decay only on weights with ndim >= 2 outside the model's `no_weight_decay()`."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    # CLIP's betas and eps: a lower beta2 and a larger eps than PyTorch's defaults keep large-batch
+    # contrastive training stable.
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    # Gradient-norm clipping; 0 turns it off.
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("optim", "lr", self.lr)
+        for name in ("weight_decay", "grad_clip", "eps"):
+            _positive("optim", name, getattr(self, name), zero_ok=True)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Linear warmup to `optim.lr`, then a cosine to `min_lr_ratio * lr` at `steps`."""
+
+    steps: int = 1000
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("schedule", "steps", self.steps)
+        _positive("schedule", "warmup_steps", self.warmup_steps, zero_ok=True)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The contrastive loss over the global batch."""
+
+    kind: str = "clip"
+    # Rows of the similarity matrix per chunk: the loss's memory grows linearly with the batch.
+    # 0 computes the whole matrix at once.
+    chunk_size: int = 1024
+    # Each process computes the rows of its own samples against all columns: the same gradients as
+    # the full matrix, at 1/world_size of its memory and compute.
+    local_loss: bool = True
+    # Micro-batches per step. Their features are computed first without gradients, so the loss sees
+    # the negatives of the whole step, then each micro-batch is run again with gradients.
+    accum_steps: int = 1
+    # Consecutive steps with a non-finite loss that are skipped before the run stops with an error.
+    max_nonfinite: int = 3
+    # The learned temperature exp(logit_scale) is clamped at 100, as in CLIP.
+    max_logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        _choice("loss", "kind", self.kind, LOSSES)
+        _positive("loss", "chunk_size", self.chunk_size, zero_ok=True)
+        for name in ("accum_steps", "max_nonfinite", "max_logit_scale"):
+            _positive("loss", name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 2
+    # "auto": continue from the latest checkpoint in the run directory if there is one; "never":
+    # refuse to start when the run directory already has checkpoints; or a checkpoint directory.
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint", "every", self.every, zero_ok=True)
+        _positive("checkpoint", "keep", self.keep)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation on the user's data: zero-shot top-1/top-5 and retrieval recall@1/5/10."""
+
+    # Steps between evaluations; 0 evaluates only at the end.
+    every: int = 0
+    # A labelled set of images (a table or dataset with an image and a label column).
+    zeroshot: str | None = None
+    label_column: str = "label"
+    # Class names in label order; empty: the sorted distinct labels of the set.
+    classnames: tuple[str, ...] = ()
+    # Prompts with "{}" for the class name; the classifier averages their normalised embeddings.
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    batch_size: int = 256
+    # Evaluate on at most this many images (0: all).
+    max_samples: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("eval", "every", self.every, zero_ok=True)
+        _positive("eval", "batch_size", self.batch_size)
+        _positive("eval", "max_samples", self.max_samples, zero_ok=True)
+        if not self.templates:
+            raise ValueError("eval.templates is empty; give at least one prompt such as 'a photo of a {}.'")
+        bad = [t for t in self.templates if "{}" not in t]
+        if bad:
+            raise ValueError(f"eval.templates {bad} have no '{{}}' for the class name; write e.g. 'a photo of a {{}}.'")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    progress: bool = True
+    # Steps between rows of metrics.jsonl (and TensorBoard points).
+    every: int = 1
+    tensorboard: bool = False
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("logging", "every", self.every)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; written resolved into the run directory and next to every checkpoint."""
+
+    output_dir: str = "runs/train"
+    seed: int = 0
+    # "auto": bf16 on GPUs that have it (else fp16), fp32 on CPU.
+    mixed_precision: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _choice("TrainConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
+        if not self.output_dir:
+            raise ValueError("output_dir is empty; give the directory the run writes to")
+        if self.schedule.warmup_steps > self.schedule.steps:
+            raise ValueError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds schedule.steps "
+                f"({self.schedule.steps}); lower the warmup or train longer"
+            )
+        if self.data.batch_size % self.loss.accum_steps:
+            raise ValueError(
+                f"data.batch_size ({self.data.batch_size}) must be a multiple of loss.accum_steps "
+                f"({self.loss.accum_steps}); each micro-batch gets an equal share"
+            )
+
+
+# ---- dicts, files and overrides -------------------------------------------------------------------
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain dicts, lists and scalars (tuples become lists), ready for JSON or YAML."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_dict(data: Mapping[str, Any], cls: type = TrainConfig, prefix: str = "") -> Any:
+    """Builds `cls` from `data`, checking every key and type; errors name the dotted key."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{prefix or 'the config'} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise ValueError(
+            f"unknown config key(s) {names}; known keys here are {', '.join(prefix + k for k in sorted(known))}"
+        )
+    values = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return config_from_dict(value, hint, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"config key {key} takes a list, got {value!r} ({type(value).__name__})")
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"config key {key} takes a mapping, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    return _scalar(value, hint, key)
+
+
+def _scalar(value: Any, hint: Any, key: str) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept any spelling Python reads as a float.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    article = "an" if hint.__name__[0] in "aeiou" else "a"
+    raise TypeError(f"config key {key} takes {article} {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`data` with each ``key.sub=value`` applied; the value is read as YAML (numbers, lists, null...).
+
+    The key must exist in TrainConfig: a typo is an error naming the key, never a silently new setting.
+    """
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value; write e.g. optim.lr=1e-3")
+        parts = key.split(".")
+        _check_key(parts, key)
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return out
+
+
+def _check_key(parts: list[str], key: str) -> None:
+    cls: Any = TrainConfig
+    for i, part in enumerate(parts):
+        if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+            if cls is dict or typing.get_origin(cls) is dict:
+                return  # free-form mapping (model.overrides): its keys are checked by what consumes it
+            raise ValueError(f"override key {key}: {'.'.join(parts[:i])} is a value, not a section")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ValueError(f"unknown config key {key}: {where} has no {part!r}; known: {', '.join(sorted(hints))}")
+        cls = hints[part]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON (.json) or YAML (.yaml, .yml) file as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from err
+    else:
+        raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The TrainConfig of a JSON/YAML file (or the defaults) with dotted `overrides` applied."""
+    data = read_config_file(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def write_config(config: TrainConfig, path: str | Path) -> Path:
+    """The resolved config as YAML (written aside, then renamed into place)."""
+    import yaml
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    tmp.replace(path)
+    return path

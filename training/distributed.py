@@ -1,0 +1,99 @@
+"""Collectives for the contrastive loss: an all-gather that carries gradients back to their process.
+
+`accelerator.gather` (like `torch.distributed.all_gather`) returns tensors cut off from autograd, so
+the features of the other processes would be constants and each process would only learn from its
+own rows of the similarity matrix. `gather_with_grad` sends the gradient of every gathered row back
+to the process that produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Gathered", "gather_with_grad", "world_size", "rank", "all_reduce_mean", "all_reduce_sums"]
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+@dataclass
+class Gathered:
+    """The rows of every process, in process order, and where this process's rows start."""
+
+    features: Tensor  # (N_global, E)
+    offset: int  # first row of this process in `features`
+    count: int  # rows this process contributed
+    world_size: int
+
+
+class _AllGather(torch.autograd.Function):
+    """Forward: concatenate every process's rows (sizes may differ). Backward: sum the gradient of
+    the full matrix over processes, then keep this process's rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int], offset: int) -> Tensor:
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))
+        padded[: len(x)] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.rows = (offset, len(x))
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        # Every process's loss may depend on our rows: their gradients add up.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        offset, n = ctx.rows
+        return grad[offset : offset + n], None, None
+
+
+def _sizes(n: int, device: torch.device) -> list[int]:
+    local = torch.tensor([n], device=device, dtype=torch.long)
+    parts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return [int(p) for p in parts]
+
+
+def gather_with_grad(x: Tensor) -> Gathered:
+    """Every process's rows of `x` (N_local, ...) concatenated, with gradients flowing back.
+
+    One process: `x` itself. Processes may hold different numbers of rows (a batch that lost bad
+    samples); every process must call this, in the same order.
+    """
+    if not _active():
+        return Gathered(x, 0, len(x), 1)
+    sizes = _sizes(len(x), x.device)
+    offset = sum(sizes[: dist.get_rank()])
+    return Gathered(_AllGather.apply(x, sizes, offset), offset, len(x), len(sizes))
+
+
+def all_reduce_mean(value: Tensor) -> Tensor:
+    """The mean of a tensor over processes (a copy; `value` itself one process)."""
+    if not _active():
+        return value.detach().clone()
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def all_reduce_sums(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sums of a few Python numbers over processes, in one collective."""
+    if not _active():
+        return [float(v) for v in values]
+    t = torch.tensor(values, device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()

@@ -1,0 +1,422 @@
+"""The contrastive training loop: `train(config)`, through accelerate, on one CPU or many GPUs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from vlm.checkpoint import load
+from vlm.config import PRESETS
+from vlm.data import FailureLog
+from vlm.model import CLIP, create_model
+from vlm.transforms import image_transform
+
+from .checkpointing import TrainerState, clean_partial, latest_checkpoint, load_checkpoint
+from .checkpointing import save_checkpoint as _save_checkpoint
+from .config import ModelConfig, TrainConfig, config_to_dict, write_config
+from .data import PairBatch, Position, build_loader
+from .distributed import all_reduce_sums
+from .evaluation import EvalSets, load_eval_sets, retrieval_metrics, zeroshot_metrics
+from .metrics import MetricsLog, read_metrics
+from .optim import build_optimizer, build_scheduler, clamp_logit_scale, lock_image_tower
+from .sources import MapSource, open_pairs
+from .step import loss_and_gradients
+
+__all__ = [
+    "train",
+    "train_step",
+    "evaluate",
+    "save_checkpoint",
+    "TrainResult",
+    "StepOutput",
+    "Run",
+    "NonFiniteLossError",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN or infinite for `loss.max_nonfinite` consecutive steps."""
+
+
+@dataclass
+class Run:
+    """The prepared pieces of a run."""
+
+    config: TrainConfig
+    accelerator: object  # accelerate.Accelerator, imported lazily
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    run_dir: Path
+
+    @property
+    def clip(self) -> CLIP:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+
+@dataclass
+class StepOutput:
+    loss: float  # the global-batch loss
+    samples: int  # pairs in the global batch after skipping bad ones
+    skipped: int  # bad samples dropped from this step's global batch
+    updated: bool  # False when the step was skipped (non-finite loss, or no usable sample)
+    grad_norm: float = math.nan  # before clipping
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    step: int
+    loss: float
+    metrics: dict[str, float]  # the last evaluation
+    samples_seen: int
+    skipped_samples: int
+    seconds: float
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+def build_model(config: ModelConfig) -> CLIP:
+    """A preset from scratch (with `overrides`), or any checkpoint `vlm.load` reads."""
+    if config.overrides:
+        if config.name not in PRESETS:
+            raise ValueError(
+                f"model.overrides change a preset's config, and {config.name!r} is not a preset "
+                f"({', '.join(PRESETS)}); drop model.overrides or name a preset"
+            )
+        model = create_model(config.name, **config.overrides)
+    else:
+        model = load(config.name, pretrained=config.pretrained)
+    if config.lock_image:
+        lock_image_tower(model, config.unlocked_blocks)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _mixed_precision(requested: str) -> str:
+    has_gpu = torch.cuda.is_available()
+    if requested == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if has_gpu else "no"
+    if requested == "fp16" and not has_gpu:
+        raise ValueError("mixed_precision=fp16 needs a GPU; on CPU use mixed_precision=no (or auto)")
+    if requested == "bf16" and not has_gpu:
+        logger.warning("mixed_precision=bf16 on CPU: bf16 matrix products are far slower than fp32 on most CPUs")
+    return requested
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
+    return Accelerator(mixed_precision=_mixed_precision(config.mixed_precision), step_scheduler_with_optimizer=False)
+
+
+def prepare(config: TrainConfig) -> Run:
+    """Accelerator, model, optimiser and schedule, ready to train or to restore into."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config)
+    set_seed(config.seed)
+    model = build_model(config.model)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.schedule)
+    if config.model.compile:
+        model = torch.compile(model)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    run_dir = Path(config.output_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial(run_dir)
+        write_config(config, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return Run(config, accelerator, model, optimizer, scheduler, run_dir)
+
+
+def restore(run: Run) -> TrainerState:
+    """The progress to continue from: a checkpoint (per `checkpoint.resume`) or a fresh start."""
+    resume = run.config.checkpoint.resume
+    found = latest_checkpoint(run.run_dir)
+    if resume == "never":
+        if found is not None:
+            raise ValueError(
+                f"{run.run_dir} already has checkpoints (latest {found.name}) and checkpoint.resume=never; "
+                "choose a new output_dir, or set checkpoint.resume=auto to continue"
+            )
+        return TrainerState(positions=[Position()] * run.accelerator.num_processes)
+    path = found if resume == "auto" else Path(resume)
+    if path is None:
+        return TrainerState(positions=[Position()] * run.accelerator.num_processes)
+    _warn_config_changes(path, run.config)
+    return load_checkpoint(run.accelerator, path)
+
+
+def _warn_config_changes(path: Path, config: TrainConfig) -> None:
+    import yaml
+
+    saved_file = path / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved, now = _flatten(yaml.safe_load(saved_file.read_text())), _flatten(config_to_dict(config))
+    changed = sorted(
+        k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not k.startswith("checkpoint.resume")
+    )
+    if changed:
+        logger.warning("resuming %s with a changed config: %s", path, ", ".join(changed))
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "overrides":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _start_position(run: Run, state: TrainerState, indexable: bool) -> Position:
+    acc = run.accelerator
+    if len(state.positions) == acc.num_processes:
+        return state.positions[acc.process_index]
+    if indexable and len(set(state.positions)) == 1:
+        # An indexable source is cut into the same global batches whatever the number of processes.
+        return state.positions[0]
+    raise ValueError(
+        f"the checkpoint was written by {len(state.positions)} processes and this run has {acc.num_processes}; "
+        "a streamed source can only resume with the same number of processes"
+    )
+
+
+def training_batches(run: Run, state: TrainerState) -> Iterator[PairBatch]:
+    """This process's batches from where `state` left off, for ever."""
+    cfg, acc = run.config, run.accelerator
+    data = cfg.data
+    if data.batch_size % (acc.num_processes * cfg.loss.accum_steps):
+        raise ValueError(
+            f"data.batch_size ({data.batch_size}) must be divisible by the number of processes "
+            f"({acc.num_processes}) times loss.accum_steps ({cfg.loss.accum_steps})"
+        )
+    source = open_pairs(data)
+    if acc.is_main_process:
+        logger.info("training data: %s", source.description)
+    model_config = run.clip.config
+    loader = build_loader(
+        source,
+        image_transform(model_config, train=data.augment),
+        local_batch=data.batch_size // acc.num_processes,
+        image_size=model_config.vision.image_size,
+        context_length=model_config.text.context_length,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        seed=cfg.seed,
+        start=_start_position(run, state, isinstance(source, MapSource)),
+        num_workers=data.num_workers,
+        sample_timeout=data.sample_timeout,
+        pin_memory=acc.device.type == "cuda",
+    )
+    return iter(loader)
+
+
+# ---- the step ------------------------------------------------------------------------------------
+def _nonfinite(run: Run, state: TrainerState, loss: float) -> None:
+    state.nonfinite_streak += 1
+    limit = run.config.loss.max_nonfinite
+    logger.warning("step %d: loss is %s, the update is skipped (%d in a row)", state.step, loss, state.nonfinite_streak)
+    if state.nonfinite_streak >= limit:
+        ckpt = latest_checkpoint(run.run_dir)
+        raise NonFiniteLossError(
+            f"the loss was not finite ({loss}) for {state.nonfinite_streak} consecutive steps, up to step "
+            f"{state.step}; no update was made on them. Lower optim.lr, keep optim.grad_clip on, or look for "
+            f"broken data{f', then resume from {ckpt}' if ckpt else ''}; loss.max_nonfinite={limit} sets how many "
+            "such steps are tolerated"
+        )
+
+
+def _update(run: Run) -> float:
+    """Clip, step, clamp the temperature; returns the gradient norm before clipping (NaN if not clipped)."""
+    acc, cfg = run.accelerator, run.config
+    grad_norm = math.nan
+    if cfg.optim.grad_clip:
+        grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip))
+    run.optimizer.step()
+    clamp_logit_scale(run.clip, cfg.loss.max_logit_scale)
+    return grad_norm
+
+
+def train_step(run: Run, batch: PairBatch, state: TrainerState) -> StepOutput:
+    """One optimiser step on this process's share of the global batch; advances `state`."""
+    acc = run.accelerator
+    samples, skipped = (int(v) for v in all_reduce_sums([len(batch), len(batch.failures)], acc.device))
+    run.optimizer.zero_grad(set_to_none=True)
+    out = StepOutput(math.nan, samples, skipped, updated=False)
+    if samples == 0:
+        logger.warning("step %d: every sample of the batch was skipped; no update", state.step)
+    else:
+        images = batch.images.to(acc.device, non_blocking=True)
+        texts = batch.texts.to(acc.device, non_blocking=True)
+        result = loss_and_gradients(run.model, images, texts, run.config.loss, acc)
+        out.loss = result.value
+        if result.finite:
+            state.nonfinite_streak = 0
+            out.grad_norm = _update(run)
+            # With fp16, the gradient scaler skips steps whose gradients overflowed.
+            out.updated = not acc.optimizer_step_was_skipped
+        else:
+            run.optimizer.zero_grad(set_to_none=True)
+            _nonfinite(run, state, result.value)
+    with warnings.catch_warnings():
+        # The schedule follows steps, updated or not; torch warns when the first one was skipped.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+        run.scheduler.step()
+    state.step += 1
+    state.samples_seen += samples
+    state.skipped_samples += skipped
+    return out
+
+
+# ---- evaluation and checkpoints --------------------------------------------------------------------
+def evaluate(run: Run, sets: EvalSets, step: int) -> dict[str, float]:
+    """Zero-shot and retrieval metrics on the main process (the others wait); {} elsewhere."""
+    metrics: dict[str, float] = {}
+    acc = run.accelerator
+    if acc.is_main_process and sets:
+        model = run.clip
+        model.eval()
+        opts = dict(batch_size=run.config.eval.batch_size, num_workers=run.config.data.num_workers)
+        # Evaluation must not move the training RNG streams, or a resumed run would drift.
+        with torch.random.fork_rng(devices=[]), acc.autocast():
+            if sets.zeroshot is not None:
+                metrics.update(zeroshot_metrics(model, sets.zeroshot, **opts))
+            if sets.retrieval is not None:
+                metrics.update(retrieval_metrics(model, sets.retrieval, **opts))
+        model.train()
+        logger.info("step %d evaluation: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    acc.wait_for_everyone()
+    return metrics
+
+
+def save_checkpoint(run: Run, state: TrainerState, batch: PairBatch) -> Path:
+    """Records every process's data position in `state`, then writes the checkpoint."""
+    from accelerate.utils import gather_object
+
+    state.positions = gather_object([batch.position])
+    return _save_checkpoint(run.accelerator, run.run_dir, state, run.config)
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+def train(config: TrainConfig) -> TrainResult:
+    """Trains per `config`, resuming from the run directory's latest checkpoint when there is one."""
+    start_time = time.perf_counter()
+    run = prepare(config)
+    state = restore(run)
+    acc, last = run.accelerator, config.schedule.steps
+    batches = training_batches(run, state)
+    # Only the main process evaluates, but every process must take the same branches (collectives).
+    evaluating = bool(config.eval.zeroshot or config.data.eval)
+    sets = load_eval_sets(config) if acc.is_main_process else EvalSets()
+    log = MetricsLog(
+        run.run_dir, enabled=acc.is_main_process, resume_step=state.step, tensorboard=config.logging.tensorboard
+    )
+    failures = FailureLog(show=config.data.show_failures)
+    bar = _progress(run, state.step)
+    metrics: dict[str, float] = {}
+    evaluated = False
+    out = StepOutput(math.nan, 0, 0, False)
+    while state.step < last:
+        tick = time.perf_counter()
+        batch = next(batches)
+        failures.add(batch.failures)
+        # The totals live in `state`; the log only needs the failures it has shown (bounded memory).
+        del failures.failures[failures.show :]
+        out = train_step(run, batch, state)
+        _log_step(run, log, state, out, time.perf_counter() - tick, bar)
+        if evaluating and _due(state.step, config.eval.every, last):
+            metrics, evaluated = evaluate(run, sets, state.step), True
+            log.log(state.step, {f"eval/{k}": v for k, v in metrics.items()})
+        if config.checkpoint.every and _due(state.step, config.checkpoint.every, last):
+            save_checkpoint(run, state, batch)
+    bar.close()
+    del batches  # stops the DataLoader workers
+    if evaluating and not evaluated:  # resumed at the end: evaluate the final weights anyway
+        metrics = evaluate(run, sets, state.step)
+    model_dir = _finish(run, state, log)
+    return TrainResult(
+        run.run_dir,
+        model_dir,
+        state.step,
+        out.loss,
+        metrics,
+        state.samples_seen,
+        state.skipped_samples,
+        time.perf_counter() - start_time,
+    )
+
+
+def _progress(run: Run, initial: int):
+    from tqdm.auto import tqdm
+
+    enabled = run.config.logging.progress and run.accelerator.is_main_process
+    return tqdm(
+        total=run.config.schedule.steps,
+        initial=initial,
+        desc="train",
+        unit="step",
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+def _log_step(run: Run, log: MetricsLog, state: TrainerState, out: StepOutput, seconds: float, bar) -> None:
+    bar.update(1)
+    if state.step % run.config.logging.every and state.step != run.config.schedule.steps:
+        return
+    lr = run.scheduler.get_last_lr()[0]
+    bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.2e}")
+    log.log(
+        state.step,
+        {
+            "loss": out.loss,
+            "lr": lr,
+            "logit_scale": run.clip.logit_scale.exp().item(),
+            "grad_norm": out.grad_norm,
+            "samples_per_s": out.samples / max(seconds, 1e-9),
+            "samples": state.samples_seen,
+            "skipped": state.skipped_samples,
+        },
+    )
+
+
+def _finish(run: Run, state: TrainerState, log: MetricsLog) -> Path:
+    """Final model, failure summary and plot."""
+    acc = run.accelerator
+    model_dir = run.run_dir / "model"
+    if acc.is_main_process:
+        run.clip.save_pretrained(model_dir)
+        if state.skipped_samples:
+            total = state.samples_seen + state.skipped_samples
+            logger.warning(
+                "%d of %d samples were skipped in all (the first ones are named above)", state.skipped_samples, total
+            )
+        log.close()
+        if run.config.logging.plot:
+            from .plots import plot_curves
+
+            plot_curves(read_metrics(log.path), run.run_dir / "curves.png", title=str(run.run_dir))
+        logger.info("model saved to %s", model_dir)
+    acc.wait_for_everyone()
+    return model_dir
