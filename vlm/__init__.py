@@ -11,6 +11,7 @@ from .images import ImageLoadError, load_image
 from .model import CLIP, CLIPOutput, create_model
 from .tokenizer import Tokenizer, get_tokenizer
 from .transforms import image_transform
+from .zeroshot import ZeroShotClassifier, build_classifier
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,8 @@ __all__ = [
     "TextConfig",
     "Tokenizer",
     "VisionConfig",
+    "ZeroShotClassifier",
+    "build_classifier",
     "create_model",
     "from_hf",
     "from_open_clip",

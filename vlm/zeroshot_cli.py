@@ -1,0 +1,215 @@
+"""The zero-shot verbs: `vlm classify`, `vlm eval zeroshot` and `vlm explain`.
+
+Labels (`--labels-file`): one class a line, ``name`` or ``name: alias1 | alias2`` (each alias is filled
+into the templates instead of the name; list the name among the aliases to keep it), ``#`` comments.
+A ``.json`` file holds a list of names or a mapping ``{"name": ["alias", ...]}`` or
+``{"name": {"prompts": ["a full prompt", ...]}}`` (prompts used as written, without templates).
+Templates (`--templates`): ``imagenet80`` (OpenAI's 80 ImageNet prompts), ``simple`` (7 of them), or a
+file with one format string a line using ``{}`` or ``{c}`` for the class name.
+Images: files, folders (searched recursively), ``--list FILE`` (one path a line), or a Hugging Face
+dataset: ``hf:DIR_OR_NAME`` (a `save_to_disk` directory, or anything `datasets.load_dataset` takes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cli import add_model_argument, load_model_from_args
+
+__all__ = ["classify_main", "eval_zeroshot_main", "explain_main"]
+
+HF_PREFIX = "hf:"
+
+
+def _add_classifier_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,car"')
+    group.add_argument("--labels-file", help="a file of class names (see the format above)")
+    group.add_argument("--classifier", help="a classifier saved with --save-classifier (built with the same model)")
+    parser.add_argument(
+        "--templates", default="imagenet80", help="imagenet80 (default), simple, or a FILE of templates"
+    )
+    parser.add_argument("--save-classifier", metavar="DIR", help="also save the classifier built here to DIR")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--split", default=None, help="split of a Hugging Face dataset (hf:...)")
+    parser.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset")
+
+
+def _classifier_from_args(args: argparse.Namespace, model: Any, default_classes: Any = None) -> Any:
+    from .zeroshot import ZeroShotClassifier, build_classifier, parse_labels, read_labels_file
+
+    if args.classifier:
+        return ZeroShotClassifier.load(args.classifier, model)
+    if args.labels is not None:
+        classes = parse_labels(args.labels)
+    elif args.labels_file:
+        classes = read_labels_file(args.labels_file)
+    else:
+        classes = default_classes
+    classifier = build_classifier(model, classes, args.templates, progress=not args.no_progress)
+    if args.save_classifier:
+        print(f"classifier saved to {classifier.save(args.save_classifier)}", file=sys.stderr)
+    return classifier
+
+
+def _is_hf(spec: str) -> bool:
+    from .classify import is_saved_hf_dataset
+
+    return spec.startswith(HF_PREFIX) or is_saved_hf_dataset(spec)
+
+
+def _hf_dataset(spec: str, split: str | None) -> Any:
+    from .classify import load_hf_dataset
+
+    return load_hf_dataset(spec.removeprefix(HF_PREFIX), split)
+
+
+def _collection(args: argparse.Namespace) -> Any:
+    from .classify import HFImageColumn, image_files
+
+    inputs = list(args.images)
+    if args.list:
+        lines = Path(args.list).read_text(encoding="utf-8").splitlines()
+        inputs += [line.strip() for line in lines if line.strip()]
+    hf = [spec for spec in inputs if _is_hf(spec)]
+    if hf and len(inputs) > 1:
+        raise ValueError(f"give a Hugging Face dataset ({hf[0]}) alone, not together with other images")
+    if hf:
+        return HFImageColumn(_hf_dataset(hf[0], args.split), args.image_column).collection(args.split or "dataset")
+    if not inputs:
+        raise ValueError("no images given; name image files or folders, or --list FILE")
+    return image_files(inputs)
+
+
+def _report_failures(failures: list, total: int) -> None:
+    if failures:
+        print(f"skipped {len(failures)} of {total} images (unreadable):", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure.source}: {failure.reason}", file=sys.stderr)
+
+
+def classify_main(argv: list[str]) -> int:
+    from .classify import OUTPUT_FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="vlm classify",
+        description="Zero-shot classify images with text labels.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("images", nargs="*", help="image files, folders, or hf:DATASET")
+    parser.add_argument("--list", help="a file with one image path a line")
+    _add_classifier_arguments(parser, required=True)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
+    _add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    from .classify import classify_images, format_predictions
+
+    images = _collection(args)
+    model = load_model_from_args(args)
+    classifier = _classifier_from_args(args, model)
+    # The classifier was just built with this model, or loaded with the check against it.
+    result = classify_images(
+        model,
+        classifier,
+        images,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+        check_model=False,
+    )
+    predictions = result.top_k(args.top_k)
+    if predictions:
+        print(format_predictions(predictions, args.format))
+    _report_failures(result.failures, len(images))
+    if not predictions:
+        raise ValueError(f"none of the {len(images)} images could be read")
+    return 0
+
+
+def eval_zeroshot_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlm eval zeroshot",
+        description="Zero-shot accuracy on labelled images (a folder with one subfolder per class, or hf:DATASET), "
+        "beside a linear probe on the same image features. Without labels, the classes are the data's own names.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("data", help="a folder of class subfolders, or hf:DATASET")
+    _add_classifier_arguments(parser, required=False)
+    parser.add_argument("--out", default="runs/eval-zeroshot", help="folder for results.json and the confusion PNGs")
+    parser.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset")
+    parser.add_argument("--train", help="training data for the linear probe (else it is cross-validated on DATA)")
+    parser.add_argument("--train-split", default=None, help="split of --train when it is a Hugging Face dataset")
+    parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    parser.add_argument(
+        "--probe-c", type=float, default=None, help="the probe's C (default: chosen by cross-validation)"
+    )
+    _add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    from .evaluation import evaluate_zeroshot
+
+    data = _labelled(args.data, args.split, args)
+    train = _labelled(args.train, args.train_split, args) if args.train and not args.no_probe else None
+    model = load_model_from_args(args)
+    classifier = _classifier_from_args(args, model, default_classes=list(data.class_names))
+    evaluation = evaluate_zeroshot(
+        model,
+        classifier,
+        data,
+        probe=not args.no_probe,
+        probe_train=train,
+        probe_C=args.probe_c,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+        check_model=False,  # built here with this model, or loaded with the check
+    )
+    written = evaluation.save(args.out)
+    _report_failures(evaluation.failures, len(data.images) + (len(train.images) if train else 0))
+    print(evaluation.summary())
+    print("written: " + ", ".join(map(str, written)))
+    return 0
+
+
+def _labelled(spec: str, split: str | None, args: argparse.Namespace) -> Any:
+    from .evaluation import labelled_folder, labelled_hf_dataset
+
+    if _is_hf(spec):
+        dataset = _hf_dataset(spec, split)
+        return labelled_hf_dataset(
+            dataset, image_column=args.image_column, label_column=args.label_column, prefix=split or "dataset"
+        )
+    return labelled_folder(spec)
+
+
+def explain_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlm explain",
+        description="Attention rollout of the image tower and, for each --text, the patches that raise the "
+        "image's similarity to it (Chefer et al. 2021), drawn over the image as a PNG.",
+    )
+    parser.add_argument("image", help="an image file")
+    parser.add_argument("--text", action="append", default=[], help="a prompt to explain the score of (repeatable)")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    add_model_argument(parser)
+    args = parser.parse_args(argv)
+    from .explain import explain_image
+
+    model = load_model_from_args(args)
+    maps = explain_image(model, args.image, args.text, args.out)
+    for heatmap in maps:
+        score = "" if heatmap.score is None else f"  cosine {heatmap.score:.4f}"
+        print(f"{heatmap.title}{score}")
+    print(f"written: {args.out}")
+    return 0
