@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.embed import embed_images, embed_texts
@@ -104,10 +103,9 @@ def load_eval_sets(config: TrainConfig) -> EvalSets:
 
 def text_classifier(model: CLIP, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
     """(C, E) normalised class embeddings: the mean of each class's normalised prompt embeddings."""
-    # The recipe of vlm.zeroshot's classifier, kept here so training does not wait on that module.
-    prompts = [t.format(c) for c in classnames for t in templates]
-    emb = embed_texts(model, prompts).view(len(classnames), len(templates), -1)  # (C, T, E)
-    return F.normalize(emb.mean(dim=1), dim=-1)
+    from vlm.zeroshot import build_classifier
+
+    return build_classifier(model, list(classnames), list(templates)).weights
 
 
 def zeroshot_metrics(
