@@ -1,0 +1,68 @@
+"""Durable file writes: write aside, fsync, rename, fsync the directory (so the rename survives power loss)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+# The core's write-aside-fsync-rename context manager; this module adds the directory fsync.
+from vlm.checkpoint import _atomic_path
+
+__all__ = ["atomic_path", "atomic_write_text", "fsync_file", "fsync_dir", "file_digest", "quiet_stdout"]
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """A temporary path next to `final`; on success it is fsynced and renamed onto `final`."""
+    final = Path(final)
+    with _atomic_path(final) as tmp:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600: other users of the index must be able to read it
+    fsync_dir(final.parent)
+
+
+def atomic_write_text(final: str | Path, text: str) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_text(text)
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's content, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silences C-level writes to stdout: FAISS's on-disk inverted lists printf a line on every load and
+    merge, which would corrupt the output of `vlm search --json`."""
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -1,0 +1,349 @@
+"""A FAISS index under stable int64 ids: build, add, remove, search with filters, on-disk lists.
+
+Ids are FAISS labels (`add_with_ids`), never row positions, so they survive deletes: IVF indexes store
+them in their inverted lists; flat and graph indexes sit in an ``IndexIDMap``. FAISS cannot delete from
+an HNSW graph, so a removed HNSW vector becomes a tombstone: its label in the id map is set to a negative
+number, a range selector keeps negative labels out of every search, and the graph is rebuilt from the
+stored vectors once tombstones pass `COMPACT_FRACTION` of it. The same id can then be added again
+(upsert) without its old vector coming back.
+
+Filters are FAISS id selectors inside the search (``SearchParameters*(sel=...)``), never over-fetching.
+Subsets of at most `EXACT_SUBSET_MAX` ids are searched exactly over their stored vectors instead: an
+approximate index may hold fewer than k members of a tiny subset in the lists or graph region it visits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import faiss
+import numpy as np
+
+from .fsutil import fsync_file, quiet_stdout
+from .kinds import TRAIN_POINTS_PER_LIST, IndexSpec
+from .vectors import VectorStore
+
+__all__ = ["SearchParams", "Neighbors", "VectorIndex", "set_threads", "exact_search", "INDEX_FILE", "LISTS_FILE"]
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+LISTS_FILE = "lists.ivfdata"
+COMPACT_FRACTION = 0.25
+EXACT_SUBSET_MAX = 4096
+# k-means and PQ training samples: enough for every centroid, capped because training cost grows with it.
+MIN_TRAIN = 65_536
+_INT64_MAX = np.iinfo(np.int64).max
+_QUERY_CHUNK = 256  # queries re-ranked at a time: bounds the (nq, k * rerank, d) gather
+
+
+@dataclass
+class SearchParams:
+    """Search-time knobs (0 = not used by this kind), chosen by `retrieval.tuning.tune`."""
+
+    nprobe: int = 0  # IVF: inverted lists visited per query
+    ef_search: int = 0  # HNSW: candidate list size
+    rerank: int = 0  # candidates re-scored exactly with the stored vectors, as a multiple of k
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Neighbors:
+    """FAISS's result arrays: `D[i, j]` cosine similarity of query i to its j-th result `I[i, j]` (-1: none)."""
+
+    D: np.ndarray  # (nq, k) float32
+    I: np.ndarray  # (nq, k) int64
+
+
+def set_threads(count: int | None = None) -> int:
+    """FAISS's OpenMP threads: `count`, or this process's share of the CPUs it may run on (one share per
+    local process under `accelerate launch`, so two ranks do not oversubscribe the cores)."""
+    if count is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        count = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    faiss.omp_set_num_threads(count)
+    return count
+
+
+def exact_search(xq: np.ndarray, store: VectorStore, k: int, ids: np.ndarray | None = None) -> Neighbors:
+    """Brute-force top-k by inner product over the stored vectors (all, or just `ids`): the oracle."""
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    if ids is not None:
+        rows = store.rows(ids)
+        rows = np.unique(rows[rows >= 0])
+        xb, labels = np.ascontiguousarray(store.xb[rows]), store.ids[rows]
+        return _topk_of(xq, [(np.asarray(labels), xb)], k)
+    return _topk_of(xq, store.chunks(), k)
+
+
+def _topk_of(xq: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> Neighbors:
+    """Merges the top-k of each (ids, xb) chunk; FAISS's `knn` is the per-chunk kernel."""
+    D = np.full((len(xq), k), -np.inf, dtype=np.float32)
+    I = np.full((len(xq), k), -1, dtype=np.int64)
+    for ids, xb in chunks:
+        kk = min(k, len(ids))
+        if kk == 0:
+            continue
+        Dc, Ic = faiss.knn(xq, xb, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        D, I = _merge_topk(D, I, Dc, np.where(Ic >= 0, ids[np.maximum(Ic, 0)], -1), k)
+    return Neighbors(D, I)
+
+
+def _merge_topk(D: np.ndarray, I: np.ndarray, Dc: np.ndarray, Ic: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    allD, allI = np.concatenate([D, Dc], axis=1), np.concatenate([I, Ic], axis=1)
+    allD = np.where(allI >= 0, allD, -np.inf)
+    order = np.argsort(-allD, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(allD, order, 1), np.take_along_axis(allI, order, 1)
+
+
+@dataclass
+class VectorIndex:
+    """A FAISS index whose labels are the collection's ids, with its spec, search knobs and full vectors."""
+
+    index: faiss.Index
+    spec: IndexSpec
+    params: SearchParams = field(default_factory=SearchParams)
+    vectors: VectorStore | None = None
+    _dead: int | None = field(default=None, repr=False)
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, spec: IndexSpec, d: int) -> "VectorIndex":
+        index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
+        if faiss.try_extract_index_ivf(index) is None:
+            index = faiss.IndexIDMap(index)  # IVF lists store ids themselves; everything else needs the map
+        return cls(index, spec, _default_params(spec))
+
+    @classmethod
+    def build(
+        cls, spec: IndexSpec, store: VectorStore, directory: Path, *, progress: bool = False, seed: int = 0
+    ) -> "VectorIndex":
+        """Trains on a sample of `store` and adds all of it; on-disk lists are built shard by shard in
+        `directory` and merged into `directory/LISTS_FILE`."""
+        vindex = cls.empty(spec, store.dim)
+        vindex.vectors = store
+        if not vindex.index.is_trained:
+            vindex.train(store.sample(_train_size(spec, len(store)), seed))
+        if spec.on_disk:
+            vindex._add_on_disk(store, directory, progress)
+        else:
+            for ids, xb in _progress(store.chunks(), progress, len(store), "indexing"):
+                vindex.index.add_with_ids(xb, ids)
+        return vindex
+
+    def train(self, sample: np.ndarray) -> None:
+        if len(sample) == 0:
+            raise ValueError(f"cannot train a {self.spec.factory} index on an empty collection; use --kind flat")
+        _limit_training(self.index)
+        self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+    def _add_on_disk(self, store: VectorStore, directory: Path, progress: bool) -> None:
+        """Each chunk becomes a small index file (one chunk in RAM at a time); FAISS's `merge_ondisk`
+        then streams all their lists into one memory-mapped file."""
+        from faiss.contrib.ondisk import merge_ondisk
+
+        blocks = directory / "blocks.tmp"
+        blocks.mkdir(exist_ok=True)
+        names = []
+        for i, (ids, xb) in enumerate(_progress(store.chunks(), progress, len(store), "indexing (on disk)")):
+            block = faiss.clone_index(self.index)
+            block.add_with_ids(xb, ids)
+            names.append(str(blocks / f"block{i:05d}.index"))
+            faiss.write_index(block, names[-1])
+        with quiet_stdout():
+            merge_ondisk(self.index, names, str(directory / LISTS_FILE))
+        shutil.rmtree(blocks)
+        fsync_file(directory / LISTS_FILE)
+
+    # ---- updates --------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        """Live vectors (tombstones excluded)."""
+        return self.index.ntotal - self.dead
+
+    @property
+    def dead(self) -> int:
+        """Tombstones in the graph (counted on first use and again after a `remove`)."""
+        if self._dead is None:
+            self._dead = int((self._id_map() < 0).sum()) if self._tombstones() else 0
+        return self._dead
+
+    def add(self, ids: np.ndarray, xb: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids):
+            self.index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Deletes `ids` (unknown ids are ignored); in an HNSW graph they become tombstones."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
+        if self._tombstones():
+            id_map = self._id_map()
+            rows = np.nonzero(np.isin(id_map, ids))[0]
+            id_map[rows] = -2 - rows  # distinct negative labels: never equal to a real id, never -1
+            self._dead = None
+        else:
+            self.index.remove_ids(faiss.IDSelectorBatch(ids))
+
+    def needs_compaction(self) -> bool:
+        return self._tombstones() and self.dead > COMPACT_FRACTION * max(1, self.index.ntotal)
+
+    def _tombstones(self) -> bool:
+        return isinstance(self.index, faiss.IndexIDMap) and not _removable(self.index.index)
+
+    def _id_map(self) -> np.ndarray:
+        """A writable view of the IndexIDMap's labels (row -> id), no copy."""
+        return faiss.rev_swig_ptr(self.index.id_map.data(), self.index.id_map.size())
+
+    # ---- search ---------------------------------------------------------------------------------
+    def search(
+        self, xq: np.ndarray, k: int, *, allowed: np.ndarray | None = None, params: SearchParams | None = None
+    ) -> Neighbors:
+        """Top-k ids by cosine for each row of `xq` (L2-normalised), among `allowed` ids if given."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        params = params or self.params
+        if allowed is not None:
+            allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+            if len(allowed) == 0:
+                return Neighbors(np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64))
+            if len(allowed) <= EXACT_SUBSET_MAX and self.vectors is not None:
+                return exact_search(xq, self.vectors, k, allowed)
+        fetch = k * params.rerank if params.rerank and self.vectors is not None else k
+        selector = self._selector(allowed)
+        D, I = self.index.search(xq, fetch, params=self._faiss_params(params, selector))
+        if fetch > k:
+            return self._rerank(xq, I, k)
+        return Neighbors(np.where(I >= 0, D, -np.inf).astype(np.float32), I)
+
+    def _selector(self, allowed: np.ndarray | None) -> faiss.IDSelector | None:
+        if allowed is not None:
+            return faiss.IDSelectorBatch(allowed)  # holds only real ids, so tombstones stay out too
+        if self._tombstones() and self.dead:
+            return faiss.IDSelectorRange(0, _INT64_MAX)
+        return None
+
+    def _faiss_params(self, params: SearchParams, selector: faiss.IDSelector | None) -> faiss.SearchParameters | None:
+        inner = self.index.index if isinstance(self.index, faiss.IndexIDMap) else self.index
+        if faiss.try_extract_index_ivf(self.index) is not None:
+            out = faiss.SearchParametersIVF()
+            if params.nprobe:
+                out.nprobe = params.nprobe
+        elif isinstance(faiss.downcast_index(inner), faiss.IndexHNSW):
+            out = faiss.SearchParametersHNSW()
+            if params.ef_search:
+                out.efSearch = params.ef_search
+        elif selector is None:
+            return None
+        else:
+            out = faiss.SearchParameters()
+        if selector is not None:
+            out.sel = selector
+        return out
+
+    def _rerank(self, xq: np.ndarray, candidates: np.ndarray, k: int) -> Neighbors:
+        """Re-scores the candidates with their full stored vectors and keeps the best k."""
+        D = np.full((len(xq), k), -np.inf, dtype=np.float32)
+        I = np.full((len(xq), k), -1, dtype=np.int64)
+        for start in range(0, len(xq), _QUERY_CHUNK):
+            cand = candidates[start : start + _QUERY_CHUNK]
+            valid = cand >= 0
+            unique, inverse = np.unique(cand[valid], return_inverse=True)
+            xb = self.vectors.get(unique)
+            scores = np.full(cand.shape, -np.inf, dtype=np.float32)
+            q_rows = np.nonzero(valid)[0]
+            scores[valid] = np.einsum("ij,ij->i", xq[start:][q_rows], xb[inverse])
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            D[start : start + len(cand)] = np.take_along_axis(scores, order, 1)
+            I[start : start + len(cand)] = np.where(
+                np.isfinite(D[start : start + len(cand)]), np.take_along_axis(cand, order, 1), -1
+            )
+        return Neighbors(D, I)
+
+    # ---- files ----------------------------------------------------------------------------------
+    def write(self, directory: Path) -> None:
+        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        fsync_file(directory / INDEX_FILE)
+
+    @classmethod
+    def read(
+        cls,
+        directory: Path,
+        spec: IndexSpec,
+        params: SearchParams,
+        vectors: VectorStore | None,
+        *,
+        mmap: bool = False,
+        writable: bool = False,
+    ) -> "VectorIndex":
+        """Reads `directory/INDEX_FILE`. On-disk lists are always memory-mapped (read-only unless
+        `writable`); `mmap=True` also maps the inverted lists of an in-memory IVF file."""
+        path = directory / INDEX_FILE
+        flags = 0
+        if spec.on_disk:
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (0 if writable else faiss.IO_FLAG_READ_ONLY)
+        elif mmap and spec.is_ivf and not writable:
+            flags = faiss.IO_FLAG_MMAP
+        try:
+            with quiet_stdout():
+                index = faiss.read_index(str(path), flags)
+        except RuntimeError as err:
+            raise ValueError(
+                f"cannot read the FAISS index {path}: it is corrupted or truncated ({_last_line(err)}); "
+                "restore the directory from a backup or rebuild it with `vlm index build`"
+            ) from err
+        return cls(index, spec, params, vectors)
+
+
+def _limit_training(index: faiss.Index) -> None:
+    """Caps the training of compressed codes. FAISS's defaults (OPQ: 50 rounds, each re-training every
+    sub-quantizer on 65k points; PQ: 256 points per centroid) take tens of minutes on two cores at
+    d=512. Fewer rounds and points lose little once candidates are re-ranked with the full vectors."""
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            transform = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                transform.niter = 8
+                transform.niter_pq_0 = 8
+                transform.max_train_points = 16_384
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and hasattr(ivf, "pq"):
+        ivf.pq.cp.max_points_per_centroid = 64
+
+
+def _removable(index: faiss.Index) -> bool:
+    return not isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
+
+
+def _default_params(spec: IndexSpec) -> SearchParams:
+    """Knobs before tuning: FAISS's defaults, and 4x candidates for re-ranked codes."""
+    return SearchParams(
+        nprobe=1 if spec.is_ivf else 0, ef_search=16 if spec.kind == "hnsw" else 0, rerank=4 if spec.rerank else 0
+    )
+
+
+def _train_size(spec: IndexSpec, n: int) -> int:
+    return min(n, max(MIN_TRAIN, spec.nlist * TRAIN_POINTS_PER_LIST))
+
+
+def _last_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+
+
+def _progress(chunks: Iterable, enabled: bool, total: int, desc: str) -> Iterable:
+    if not enabled:
+        yield from chunks
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="vec", dynamic_ncols=True) as bar:
+        for ids, xb in chunks:
+            yield ids, xb
+            bar.update(len(ids))

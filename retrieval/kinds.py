@@ -1,0 +1,212 @@
+"""Which FAISS index to build: the named kinds, automatic choice from size and memory, factory strings.
+
+Every index stores L2-normalised vectors under inner product, so scores are cosine similarities.
+
+- ``flat``: exact search (``IndexFlatIP``). The oracle the others are measured against.
+- ``hnsw``: a graph (``HNSW{m},Flat``): fast and accurate, but slow to build at millions of vectors, all
+  in memory, and FAISS cannot delete from it (removed ids become tombstones; see `retrieval.index`).
+- ``ivf``: inverted lists of full vectors (``IVF{nlist},Flat``): quick to build, deletes, and lists can
+  live on disk.
+- ``ivfpq``: inverted lists of ``pq_m``-byte codes after an OPQ rotation (``OPQ{m}_{d},IVF{nlist},PQ{m}``),
+  re-ranked with the full vectors kept on disk (memory-mapped).
+- any other FAISS factory string, e.g. ``"IVF1024,SQ8"`` or ``"HNSW16"``.
+
+``auto`` (`choose_spec`) picks exact search for small collections, IVF-Flat when the vectors fit the
+memory budget, IVF-PQ when only the codes do, and IVF-PQ with on-disk lists beyond that. HNSW is never
+picked automatically: at the sizes where it would beat exact search it needs as much memory as IVF-Flat
+and an order of magnitude longer to build, and it cannot delete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, replace
+
+__all__ = [
+    "KINDS",
+    "IndexSpec",
+    "choose_spec",
+    "make_spec",
+    "parse_memory",
+    "default_memory_budget",
+    "format_bytes",
+]
+
+KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+# Below this many vectors exact search answers in a few milliseconds: no approximation needed.
+FLAT_MAX_VECTORS = 50_000
+# k-means wants at least 39 training points per centroid (FAISS warns below); training time grows with it.
+TRAIN_POINTS_PER_LIST = 40
+ID_BYTES = 8  # every stored vector carries its int64 id
+# The fraction of the budget the index may take: queries, re-ranking and the OS need the rest.
+BUDGET_FRACTION = 0.8
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A buildable index description; `factory` is the FAISS factory string it builds."""
+
+    kind: str  # one of KINDS, or "factory" for a user's factory string
+    factory: str
+    nlist: int = 0  # IVF kinds: number of inverted lists
+    hnsw_m: int = 0  # hnsw: graph degree
+    pq_m: int = 0  # ivfpq: bytes per code
+    on_disk: bool = False  # IVF kinds: inverted lists in a memory-mapped file next to the index
+    rerank: bool = False  # re-score candidates with the full vectors kept on disk
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS + ("factory",):
+            raise ValueError(f"IndexSpec.kind must be one of {KINDS + ('factory',)}, got {self.kind!r}")
+        if self.on_disk and not self.is_ivf:
+            raise ValueError(f"on_disk=True needs an IVF index, got {self.factory!r}; use kind 'ivf' or 'ivfpq'")
+
+    @property
+    def is_ivf(self) -> bool:
+        return self.nlist > 0 or "IVF" in self.factory
+
+    def bytes_per_vector(self, d: int) -> float:
+        """Memory each vector costs in RAM (on-disk lists and the re-ranking store are not in RAM)."""
+        if self.on_disk:
+            return 0.0
+        if self.kind == "ivfpq":
+            return self.pq_m + ID_BYTES
+        if self.kind == "hnsw":
+            return 4 * d + ID_BYTES + 2 * self.hnsw_m * 4 * 1.05  # level 0 keeps 2m int32 links, upper levels ~5%
+        return 4 * d + ID_BYTES
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IndexSpec":
+        return cls(**data)
+
+
+def make_spec(
+    kind: str,
+    n: int,
+    d: int,
+    *,
+    memory_budget: int | None = None,
+    on_disk: bool | None = None,
+    hnsw_m: int = 32,
+    pq_m: int | None = None,
+) -> IndexSpec:
+    """The spec for `kind` ("auto", one of KINDS, or a FAISS factory string) and `n` vectors of dimension `d`."""
+    if n < 0 or d <= 0:
+        raise ValueError(f"need n >= 0 vectors of positive dimension, got n={n}, d={d}")
+    if kind == "auto":
+        spec = choose_spec(n, d, memory_budget if memory_budget is not None else default_memory_budget())
+        return replace(spec, on_disk=on_disk) if on_disk is not None and spec.is_ivf else spec
+    if kind == "flat":
+        spec = IndexSpec("flat", "Flat")
+    elif kind == "hnsw":
+        spec = IndexSpec("hnsw", f"HNSW{hnsw_m},Flat", hnsw_m=hnsw_m)
+    elif kind == "ivf":
+        nlist = default_nlist(n)
+        spec = IndexSpec("ivf", f"IVF{nlist},Flat", nlist=nlist)
+    elif kind == "ivfpq":
+        spec = _ivfpq(n, d, pq_m or default_pq_m(d))
+    else:
+        spec = _factory_spec(kind, d)
+    return replace(spec, on_disk=bool(on_disk)) if on_disk is not None else spec
+
+
+def choose_spec(n: int, d: int, memory_budget: int) -> IndexSpec:
+    """`auto`: the kind for `n` vectors of dimension `d` that fits `memory_budget` bytes (see module docstring)."""
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be positive, got {memory_budget}; pass e.g. '4G'")
+    room = memory_budget * BUDGET_FRACTION
+    full = n * (4 * d + ID_BYTES)
+    if n <= FLAT_MAX_VECTORS and full <= room:
+        return IndexSpec("flat", "Flat")
+    if full <= room:
+        nlist = default_nlist(n)
+        return IndexSpec("ivf", f"IVF{nlist},Flat", nlist=nlist)
+    spec = _ivfpq(n, d, default_pq_m(d))
+    return spec if n * spec.bytes_per_vector(d) <= room else replace(spec, on_disk=True)
+
+
+def default_nlist(n: int) -> int:
+    """A power of two near 4 sqrt(n) (FAISS's guideline), with enough points per list to train k-means."""
+    if n < 2 * TRAIN_POINTS_PER_LIST:
+        return 1
+    target = 4 * math.sqrt(n)
+    nlist = 2 ** round(math.log2(target))
+    while nlist > 1 and n < nlist * TRAIN_POINTS_PER_LIST:
+        nlist //= 2
+    return nlist
+
+
+def default_pq_m(d: int) -> int:
+    """Bytes per PQ code: 32 at most, so that code, 8-byte id and the share of the coarse centroids and
+    OPQ matrix stay within 64 bytes a vector at a million vectors; at most d / 4."""
+    for m in (32, 16, 8, 4, 2, 1):
+        if m <= max(1, d // 4):
+            return m
+    return 1
+
+
+def _ivfpq(n: int, d: int, m: int) -> IndexSpec:
+    if m <= 0 or m > d:
+        raise ValueError(f"pq_m must be in 1..{d} (bytes per code), got {m}")
+    nlist = default_nlist(n)
+    if n >= 256 * TRAIN_POINTS_PER_LIST:
+        d_out = (d // m) * m  # the OPQ rotation also reduces to a multiple of m dimensions
+        return IndexSpec("ivfpq", f"OPQ{m}_{d_out},IVF{nlist},PQ{m}", nlist=nlist, pq_m=m, rerank=True)
+    # Too few vectors to train 256 centroids per sub-quantizer (OPQ always uses 256): 16 centroids, no
+    # rotation. Re-ranking with the full vectors makes up for the coarser codes.
+    return IndexSpec("ivfpq", f"IVF{nlist},PQ{m}x4", nlist=nlist, pq_m=m, rerank=True)
+
+
+def _factory_spec(factory: str, d: int) -> IndexSpec:
+    import faiss
+
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(
+            f"unknown index kind or bad FAISS factory string {factory!r} ({_first_line(err)}); use one of "
+            f"auto, {', '.join(KINDS)} or a factory string such as 'IVF1024,Flat' or 'HNSW32'"
+        ) from err
+    ivf = faiss.try_extract_index_ivf(index)
+    return IndexSpec("factory", factory, nlist=ivf.nlist if ivf is not None else 0)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[-1][:200]
+
+
+def parse_memory(value: str | int) -> int:
+    """'4G', '512M', '1.5GB', '2GiB' or a number of bytes -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"memory budget must be positive, got {value}")
+        return value
+    match = _MEMORY.match(str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"cannot read memory size {value!r}: use a positive number with an optional unit, e.g. 4G or 512M"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def default_memory_budget() -> int:
+    """Half the machine's physical memory: the other half stays for the model, queries and the OS."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

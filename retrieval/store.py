@@ -1,0 +1,187 @@
+"""An index directory on disk: versions of (index, metadata, vectors) and a manifest naming the current one.
+
+    DIR/manifest.json        the current version, the model fingerprint, preprocessing, normalisation,
+                             index kind and tuned knobs, and the size and sha256 of every file
+    DIR/v000007/             index.faiss [lists.ivfdata] metadata.sqlite vectors.npy ids.npy [queries.npy]
+    DIR/.jobs/               resumable embedding jobs of builds and updates in progress
+    DIR/.lock                held by the one process allowed to update
+
+An update never touches the current version: it writes a whole new version directory next to it,
+fsyncs it, then replaces ``manifest.json`` atomically (write aside, fsync, rename, fsync the directory).
+A crash at any point leaves either the old manifest with its intact files, or the new one: the index,
+its metadata and its vectors always change together. Unreferenced version directories are removed by
+the next update. Readers that still use an old version keep their open (unlinked) files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .fsutil import atomic_write_text, file_digest, fsync_dir
+
+__all__ = ["Manifest", "IndexDirectory", "IndexCorruptError", "MANIFEST_FILE", "FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+# Files up to this size are checked against their sha256 on every load; larger ones (the vectors, on-disk
+# lists) by size, which catches truncation without reading gigabytes. `verify(full=True)` hashes all.
+HASH_LIMIT = 256 << 20
+_VERSION_DIR = re.compile(r"^v\d{6}$")
+_HISTORY = 50
+
+
+class IndexCorruptError(ValueError):
+    """An index directory whose files do not match its manifest (truncated, corrupted, missing)."""
+
+
+@dataclass
+class Manifest:
+    """Everything that binds an index's files together; `manifest.json` holds it."""
+
+    version: int
+    model: dict[str, Any]  # fingerprint, embed_dim, source (the name or directory it was loaded from)
+    preprocessing: dict[str, Any]  # the image transform and JPEG draft decoding the vectors went through
+    modality: str  # what the vectors embed: "image" (answer text queries) or "text" (captions)
+    spec: dict[str, Any]  # retrieval.kinds.IndexSpec
+    params: dict[str, Any]  # retrieval.index.SearchParams
+    count: int
+    next_id: int  # ids are never reused, even after removes
+    normalization: str = "l2"  # vectors and queries are L2-normalised: inner products are cosines
+    metric: str = "inner_product"
+    tuning: dict[str, Any] | None = None
+    memory_budget: int | None = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def directory_name(self) -> str:
+        return f"v{self.version:06d}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> "Manifest":
+        try:
+            data = json.loads(text)
+            if data.get("format_version", 0) > FORMAT_VERSION:
+                raise ValueError(
+                    f"format {data['format_version']} is newer than this vlm's {FORMAT_VERSION}; upgrade vlm"
+                )
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError, AttributeError) as err:
+            raise IndexCorruptError(
+                f"{source} is not a readable index manifest ({err}); rebuild with `vlm index build`"
+            ) from err
+
+
+class IndexDirectory:
+    """The files of one index directory (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_FILE
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read_manifest(self) -> Manifest:
+        if not self.exists():
+            hint = (
+                "it is not a directory" if self.path.exists() and not self.path.is_dir() else "it has no manifest.json"
+            )
+            raise FileNotFoundError(
+                f"{self.path} is not a search index ({hint}); create one with `vlm index build SOURCE --out {self.path}`"
+            )
+        return Manifest.from_json(self.manifest_path.read_text(), self.manifest_path)
+
+    def version_path(self, manifest: Manifest) -> Path:
+        return self.path / manifest.directory_name
+
+    def jobs_path(self) -> Path:
+        return self.path / ".jobs"
+
+    # ---- integrity ------------------------------------------------------------------------------
+    def verify(self, manifest: Manifest, *, full: bool = False) -> None:
+        """IndexCorruptError unless every file of the current version has its recorded size (and sha256
+        for files up to HASH_LIMIT, or all of them with `full`)."""
+        directory = self.version_path(manifest)
+        for name, record in manifest.files.items():
+            path = directory / name
+            fix = f"restore {self.path} from a backup or rebuild it with `vlm index build`"
+            if not path.is_file():
+                raise IndexCorruptError(f"{path} is missing; {fix}")
+            size = path.stat().st_size
+            if size != record["size"]:
+                raise IndexCorruptError(
+                    f"{path} has {size} bytes but the manifest records {record['size']} (truncated or replaced); {fix}"
+                )
+            if (full or size <= HASH_LIMIT) and record.get("sha256") and file_digest(path) != record["sha256"]:
+                raise IndexCorruptError(f"{path} does not match its recorded sha256 (corrupted); {fix}")
+
+    # ---- updating -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[None]:
+        """Exclusive right to update this directory, held through a lock file (released by the OS if the
+        process dies)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as err:
+                raise ValueError(
+                    f"another process is updating {self.path}; wait for it to finish and run again"
+                ) from err
+            yield
+        finally:
+            os.close(fd)
+
+    def new_version(self, version: int) -> Path:
+        """An empty directory for `version` (a leftover of a crashed update is cleared first)."""
+        path = self.path / f"v{version:06d}"
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
+    def publish(self, manifest: Manifest, action: dict[str, Any]) -> None:
+        """Records the new version's files in `manifest` and makes it current atomically."""
+        directory = self.version_path(manifest)
+        manifest.files = {
+            p.name: {"size": p.stat().st_size, "sha256": file_digest(p) if p.stat().st_size <= HASH_LIMIT else None}
+            for p in sorted(directory.iterdir())
+            if p.is_file()
+        }
+        stamp = {
+            "version": manifest.version,
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **action,
+        }
+        manifest.history = (manifest.history + [stamp])[-_HISTORY:]
+        fsync_dir(directory)
+        atomic_write_text(self.manifest_path, manifest.to_json())
+        logger.info("%s: version %d is current (%d items)", self.path, manifest.version, manifest.count)
+        self.remove_stale(manifest)
+
+    def remove_stale(self, current: Manifest) -> None:
+        """Deletes version directories other than the current one (only call while holding `writer`)."""
+        for entry in self.path.iterdir():
+            if entry.is_dir() and _VERSION_DIR.match(entry.name) and entry.name != current.directory_name:
+                shutil.rmtree(entry, ignore_errors=True)

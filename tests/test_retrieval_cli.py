@@ -1,0 +1,146 @@
+"""`vlm index build|add|remove|info|eval` and `vlm search` end to end through `vlm.cli.main(argv)`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from test_retrieval_support import write_images
+
+import vlm
+from vlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    vlm.create_model("tiny").save_pretrained(root / "model")
+    paths = write_images(root / "photos", 18, broken=1)
+    extra = write_images(root / "more", 6, broken=0, start=50)
+    table = root / "pairs.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        writer.writerows([p, f"a {p.parent.name} square"] for p in paths)
+    return root, paths, extra, table
+
+
+def test_index_and_search_end_to_end(setup, capsys):
+    root, paths, extra, _ = setup
+    out = root / "photos.index"
+    common = ["--no-progress", "--batch-size", "4"]
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(root / "photos"),
+                "--out",
+                str(out),
+                "--model",
+                str(root / "model"),
+                "--kind",
+                "flat",
+                *common,
+            ]
+        )
+        == 0
+    )
+    report = capsys.readouterr().out
+    assert "build: 18 items" in report and "1 unreadable" in report
+
+    assert main(["index", "info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "18 image vectors" in info and "fingerprint" in info and "prompts from folder names" in info
+    assert main(["index", "info", str(out), "--json", "--verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 18
+
+    # the model recorded at build time embeds the queries
+    assert main(["search", str(out), "--text", "a red square", "-k", "3", "--where", "folder = 'blue'", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["hits"]
+    assert len(hits) == 3 and all("/blue/" in h["path"] for h in hits)
+    assert main(["search", str(out), "--image", str(paths[4]), "-k", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "1. 1.0000  id" in printed and str(paths[4]) in printed.splitlines()[1]
+
+    assert main(["index", "add", str(out), str(root / "more"), *common]) == 0
+    assert "added 6" in capsys.readouterr().out
+    assert main(["index", "remove", str(out), "--paths", str(extra[0]), "--ids", "0"]) == 0
+    assert "removed 2" in capsys.readouterr().out
+    assert main(["index", "info", str(out), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["count"] == 22 and [h["action"] for h in manifest["history"]] == ["build", "add", "remove"]
+
+
+def test_caption_index_ivf_and_eval(setup, capsys):
+    root, paths, _, table = setup
+    out = root / "captions.index"
+    args = [
+        "index",
+        "build",
+        str(table),
+        "--out",
+        str(out),
+        "--model",
+        str(root / "model"),
+        "--embed",
+        "text",
+        "--kind",
+        "IVF4,Flat",
+        "--target-recall",
+        "0.9",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert "IVF4,Flat" in capsys.readouterr().out
+    assert main(["search", str(out), "--image", str(paths[0]), "-k", "2"]) == 0
+    assert " square" in capsys.readouterr().out  # captions come back
+    assert (
+        main(["index", "eval", str(table), "--model", str(root / "model"), "-k", "1", "5", "--json", "--no-progress"])
+        == 0
+    )
+    recall = json.loads(capsys.readouterr().out)
+    assert recall["images"] == 18 and set(recall["image_to_text"]) == {"1", "5"}
+
+
+def test_user_mistakes_are_clean_errors(setup, capsys):
+    root, *_ = setup
+    assert main(["search", str(root / "nowhere"), "--text", "x"]) == 1
+    assert "not a search index" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(root / "photos"),
+                "--out",
+                str(root / "photos.index"),
+                "--model",
+                str(root / "model"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
+    assert "--overwrite" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(root / "photos"),
+                "--out",
+                str(root / "x"),
+                "--model",
+                str(root / "model"),
+                "--memory-budget",
+                "lots",
+            ]
+        )
+        == 1
+    )
+    assert "memory size" in capsys.readouterr().err
+    assert main(["index", "frobnicate"]) == 2

@@ -1,0 +1,192 @@
+"""Every index kind against a brute-force oracle; auto choice; tuning; stable ids; filters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_retrieval_support import vector_store
+
+from retrieval.index import SearchParams, VectorIndex, exact_search
+from retrieval.kinds import IndexSpec, choose_spec, make_spec, parse_memory
+from retrieval.synthetic import clustered_vectors
+from retrieval.tuning import recall_vs_exact, tune
+from retrieval.vectors import count_after, merge_sorted, write_vectors
+
+D = 32
+N = 6000  # below 256 * 40 points: PQ codes use 4-bit sub-quantizers, which train in well under a second
+
+# kind, on_disk, knobs that make the index search (nearly) everything, recall it must then reach
+KINDS = [
+    ("flat", False, SearchParams(), 1.0),
+    ("ivf", False, SearchParams(nprobe=10_000), 1.0),
+    ("ivf", True, SearchParams(nprobe=10_000), 1.0),
+    ("hnsw", False, SearchParams(ef_search=512), 0.99),
+    ("ivfpq", False, SearchParams(nprobe=10_000, rerank=16), 0.9),
+    ("ivfpq", True, SearchParams(nprobe=10_000, rerank=16), 0.9),
+    ("IVF32,SQ8", False, SearchParams(nprobe=10_000), 0.9),
+    ("HNSW16", False, SearchParams(ef_search=256), 0.98),
+]
+EXACT_SCORES = {"flat", "ivf", "hnsw", "ivfpq", "HNSW16"}  # scores are true cosines (ivfpq: re-ranked)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return clustered_vectors(N, D, nq=600, clusters=60, seed=3)
+
+
+@pytest.fixture(scope="module")
+def store(data, tmp_path_factory):
+    return vector_store(tmp_path_factory.mktemp("vectors"), data.xb)
+
+
+def _build(kind: str, on_disk: bool, store, tmp_path) -> VectorIndex:
+    spec = make_spec(kind, len(store), D, on_disk=on_disk)
+    return VectorIndex.build(spec, store, tmp_path)
+
+
+def _ids_of(store, rows) -> np.ndarray:
+    return np.asarray(store.ids)[rows]
+
+
+@pytest.mark.parametrize(
+    "kind,on_disk,params,min_recall", KINDS, ids=[f"{k}{'-disk' if d else ''}" for k, d, _, _ in KINDS]
+)
+def test_kind_against_brute_force(kind, on_disk, params, min_recall, data, store, tmp_path):
+    vindex = _build(kind, on_disk, store, tmp_path)
+    assert vindex.ntotal == N
+    xq = data.xq[:100]
+    truth = exact_search(xq, store, 10)
+    oracle = xq @ data.xb.T  # brute force in numpy, independent of FAISS
+    np.testing.assert_allclose(truth.D, -np.sort(-oracle, axis=1)[:, :10], rtol=1e-5, atol=1e-5)
+    found = vindex.search(xq, 10, params=params)
+    assert recall_vs_exact(found.I, truth.I) >= min_recall
+    assert set(np.unique(found.I)) <= set(store.ids.tolist())  # labels are ids, not row positions
+    if kind in EXACT_SCORES:
+        rows = store.rows(found.I.ravel()).reshape(found.I.shape)
+        np.testing.assert_allclose(found.D, np.take_along_axis(oracle, rows, 1), rtol=1e-4, atol=1e-4)
+    if min_recall == 1.0:
+        np.testing.assert_array_equal(np.sort(found.I, 1), np.sort(truth.I, 1))
+
+
+def test_written_and_read_back_index_searches_the_same(data, store, tmp_path):
+    vindex = _build("ivf", True, store, tmp_path)
+    vindex.params = SearchParams(nprobe=4)
+    before = vindex.search(data.xq[:50], 10)
+    vindex.write(tmp_path)
+    for mmap in (False, True):
+        again = VectorIndex.read(tmp_path, vindex.spec, vindex.params, store, mmap=mmap)
+        np.testing.assert_array_equal(again.search(data.xq[:50], 10).I, before.I)
+
+
+def test_auto_picks_by_size_and_memory():
+    gib = 1 << 30
+    assert choose_spec(10_000, 512, 4 * gib).kind == "flat"
+    ivf = choose_spec(1_000_000, 512, 4 * gib)
+    assert (ivf.kind, ivf.nlist, ivf.on_disk) == ("ivf", 4096, False)
+    pq = choose_spec(1_000_000, 512, gib)  # 2 GB of vectors do not fit; 32-byte codes do
+    assert (pq.kind, pq.on_disk, pq.rerank) == ("ivfpq", False, True)
+    assert pq.bytes_per_vector(512) <= 64
+    assert pq.factory == "OPQ32_512,IVF4096,PQ32"
+    huge = choose_spec(100_000_000, 512, 4 * gib)
+    assert (huge.kind, huge.on_disk) == ("ivfpq", True)
+    assert choose_spec(60_000, 512, 4 * gib).kind == "ivf"  # past the exact-search size
+    assert (
+        parse_memory("4G") == 4 * gib and parse_memory("512MiB") == 512 << 20 and parse_memory("1.5GB") == 3 * gib // 2
+    )
+    with pytest.raises(ValueError, match="4G"):
+        parse_memory("lots")
+    with pytest.raises(ValueError, match="factory string"):
+        make_spec("IVF12,Nonsense", 1000, 32)
+    with pytest.raises(ValueError, match="on_disk"):
+        IndexSpec("hnsw", "HNSW32,Flat", hnsw_m=32, on_disk=True)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
+def test_tuning_reaches_the_recall_it_promises(kind, data, store, tmp_path):
+    vindex = _build(kind, False, store, tmp_path)
+    tuning_queries, held_out = data.xq[:300], data.xq[300:]
+    report = tune(vindex, tuning_queries, k=10, target_recall=0.9, query_source="synthetic text-like")
+    assert report.reached and report.recall >= 0.9
+    assert vindex.params == report.params
+    # the promise holds for queries tuning never saw (within sampling error of 300 queries)
+    held_out_recall = recall_vs_exact(vindex.search(held_out, 10).I, exact_search(held_out, store, 10).I)
+    assert held_out_recall >= 0.88, (report.params, held_out_recall)
+    # and the knob is the smallest that keeps the promise: one step less misses it
+    knob = "nprobe" if kind != "hnsw" else "ef_search"
+    value = getattr(report.params, knob)
+    if value > (16 if kind == "hnsw" else 1):
+        smaller = SearchParams(**{**report.params.to_dict(), knob: value - 1})
+        trial = next(t for t in report.trials if t[knob] == value - 1 and t["rerank"] == report.params.rerank)
+        assert trial["lower_bound"] < 0.9
+        assert (
+            recall_vs_exact(
+                vindex.search(tuning_queries, 10, params=smaller).I, exact_search(tuning_queries, store, 10).I
+            )
+            <= report.recall
+        )
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_ids_survive_removes_and_upserts(kind, data, store, tmp_path):
+    vindex = _build(kind, False, store, tmp_path)
+    exhaustive = SearchParams(nprobe=10_000, ef_search=512, rerank=16 if kind == "ivfpq" else 0)
+    ids = np.asarray(store.ids)
+    rng = np.random.default_rng(0)
+    removed = rng.choice(ids, N // 3, replace=False)
+    vindex.remove(removed)
+    assert vindex.ntotal == N - len(removed)
+    kept_rows = np.nonzero(~np.isin(ids, removed))[0][:200]
+    found = vindex.search(data.xb[kept_rows], 10, params=exhaustive)
+    assert not np.isin(found.I, removed).any()
+    assert (found.I[:, 0] == ids[kept_rows]).mean() >= 0.98  # a vector's nearest neighbour is itself, under its id
+    # upsert: the same ids come back with new vectors; the old vectors do not come back with them
+    again = removed[:50]
+    new_xb = data.xq[:50]
+    vindex.add(again, new_xb)
+    # as an update does: the stored vectors (used to re-rank) are rewritten with the changes too
+    vindex.vectors = write_vectors(
+        tmp_path / "v2", merge_sorted(store, removed, again, new_xb), count_after(store, removed, again), D
+    )
+    found = vindex.search(new_xb, 1, params=exhaustive)
+    assert (found.I[:, 0] == again).mean() >= 0.96
+    old = vindex.search(data.xb[store.rows(again)], 1, params=exhaustive)
+    assert (old.I[:, 0] != again).all() or kind == "ivfpq"  # a PQ code may still rank a near duplicate first
+    if kind == "hnsw":
+        assert vindex.dead == len(removed) and vindex.needs_compaction()
+
+
+def test_hnsw_tombstones_survive_write_and_read(data, store, tmp_path):
+    vindex = _build("hnsw", False, store, tmp_path)
+    removed = np.asarray(store.ids[:100])
+    vindex.remove(removed)
+    vindex.write(tmp_path)
+    again = VectorIndex.read(tmp_path, vindex.spec, SearchParams(ef_search=128), store)
+    assert again.dead == 100 and again.ntotal == N - 100
+    found = again.search(data.xb[:100], 5)
+    assert not np.isin(found.I, removed).any()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("subset", ["large", "small"])
+def test_filters_return_only_matching_items(kind, subset, data, store, tmp_path, monkeypatch):
+    monkeypatch.setattr("retrieval.index.EXACT_SUBSET_MAX", 1000)  # the subset sizes below straddle it
+    vindex = _build(kind, False, store, tmp_path)
+    vindex.params = SearchParams(nprobe=8, ef_search=64, rerank=4 if kind == "ivfpq" else 0)
+    labels = data.labels
+    clusters = np.unique(labels)[:: 2 if subset == "large" else 15]
+    allowed = np.asarray(store.ids)[np.isin(labels, clusters)]
+    assert (len(allowed) > 1000) == (subset == "large")
+    found = vindex.search(data.xq[:100], 10, allowed=allowed)
+    assert np.isin(found.I[found.I >= 0], allowed).all()
+    assert (found.I >= 0).mean() > 0.95  # filtered inside the search: k results, not k minus the rejected
+    if kind == "flat" or subset == "small":  # exact: equal to brute force over the subset
+        truth = exact_search(data.xq[:100], store, 10, ids=allowed)
+        np.testing.assert_array_equal(np.sort(found.I, 1), np.sort(truth.I, 1))
+
+
+def test_exact_search_merges_chunks_like_one_pass(data, store):
+    from retrieval.index import _topk_of
+
+    whole = exact_search(data.xq[:20], store, 7)
+    chunked = _topk_of(data.xq[:20], store.chunks(size=977), 7)
+    np.testing.assert_array_equal(whole.I, chunked.I)
