@@ -1,0 +1,627 @@
+"""Fine-tuning a CLIP image tower for classification, without losing what zero-shot knew.
+
+The classifier is the image tower followed by a linear head over the L2-normalised embedding. The head
+starts from the zero-shot classifier (class-prompt text embeddings scaled by `logit_scale`, so that
+before training it predicts exactly what zero-shot predicts), from a linear probe, or at random.
+
+Modes:
+- ``linear-probe``: image features are computed once and cached; only the head trains, on the cache;
+- ``full``: every weight of the tower and the head trains (optionally only the last N blocks);
+- ``lp-ft``: a linear probe first, then full fine-tuning from it (Kumar et al. 2022: the probe-initialised
+  head keeps the features from being distorted by a random head's early gradients).
+
+Layer-wise learning-rate decay gives the head and the last block the full rate and each block below
+`layer_decay` times the rate of the block above. WiSE-FT (Wortsman et al. 2022) interpolates the
+zero-shot and fine-tuned weights: `wise_ft(a, b, alpha)` is `a` at alpha=0 and `b` at alpha=1, exactly.
+
+Images are decoded once into memory (digits-sized data); `shift_images` gives the shifted copy
+(rotated, blurred, noisy, rescaled) on which robustness is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm.config import CLIPConfig
+from vlm.data import FailureLog, iter_image_batches
+from vlm.evaluation import LabelledImages, Metrics, compute_metrics
+from vlm.model import CLIP
+from vlm.transforms import image_transform
+from vlm.vision import VisionTower
+
+__all__ = [
+    "MODES",
+    "HEAD_INITS",
+    "FinetuneConfig",
+    "ImageClassifier",
+    "LoadedImages",
+    "FinetuneResult",
+    "WiseFTPoint",
+    "load_images",
+    "zeroshot_head",
+    "train_linear_probe",
+    "layer_decay_groups",
+    "finetune",
+    "wise_ft",
+    "wise_ft_sweep",
+    "shift_images",
+    "evaluate_classifier",
+    "predict_logits",
+    "save_sweep_png",
+    "sweep_to_json",
+]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("linear-probe", "full", "lp-ft", "flyp")
+HEAD_INITS = ("zeroshot", "probe", "random")
+WEIGHTS_FILE = "classifier.safetensors"
+META_FILE = "image_classifier.json"
+ARTIFACT_TYPE = "vlm-image-classifier"
+
+
+# ---- config ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune. `epochs` counts passes over the training images for the tower (full, lp-ft);
+    `probe_steps` counts full-batch steps of the head on cached features (linear-probe, lp-ft's first stage)."""
+
+    mode: str = "full"
+    head_init: str = "zeroshot"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    layer_decay: float = 1.0
+    label_smoothing: float = 0.0
+    unlocked_blocks: int | None = None  # None: every block trains; N: only the last N
+    ema_decay: float = 0.0  # 0: no weight EMA; e.g. 0.999 keeps an EMA of the weights and returns it
+    mixup_alpha: float = 0.0  # 0: no mixup; > 0: mix image pairs with a Beta(alpha, alpha) coefficient
+    probe_steps: int = 300
+    probe_lr: float = 1e-2
+    probe_weight_decay: float = 0.0
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {MODES}; pick one of them")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init={self.head_init!r} is not one of {HEAD_INITS}; pick one of them")
+        for name in ("epochs", "batch_size", "probe_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "probe_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1] (1 = no decay; 0.75 is usual), got {self.layer_decay!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = off, 0.999 is usual), got {self.ema_decay!r}")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be >= 0 (0 = off, 0.2 is usual), got {self.mixup_alpha!r}")
+        if self.unlocked_blocks is not None and self.unlocked_blocks < 0:
+            raise ValueError(f"unlocked_blocks must be >= 0 or None (all blocks), got {self.unlocked_blocks!r}")
+
+
+# ---- the classifier -------------------------------------------------------------------------------
+class ImageClassifier(nn.Module):
+    """Image tower + linear head over the normalised embedding: images (B, 3, H, W) -> logits (B, C)."""
+
+    def __init__(self, clip_config: CLIPConfig, class_names: Sequence[str], image_size: int | None = None) -> None:
+        super().__init__()
+        if not class_names:
+            raise ValueError("a classifier needs at least one class name")
+        self.clip_config = clip_config
+        # The resolution it was fine-tuned at (the tower's own unless trained at a new one).
+        self.image_size = image_size or clip_config.vision.image_size
+        self.class_names = tuple(class_names)
+        self.visual = VisionTower(clip_config.vision, clip_config.embed_dim)
+        self.head = nn.Linear(clip_config.embed_dim, len(self.class_names))
+
+    @classmethod
+    def from_clip(cls, model: CLIP, class_names: Sequence[str]) -> "ImageClassifier":
+        """A classifier whose tower is a copy of `model.visual` (the head is random until set)."""
+        classifier = cls(model.config, class_names)
+        classifier.visual.load_state_dict(model.visual.state_dict())
+        return classifier
+
+    def features(self, images: Tensor) -> Tensor:
+        return F.normalize(self.visual(images), dim=-1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"visual.{n}" for n in self.visual.no_weight_decay()}
+
+    def into_clip(self, model: CLIP) -> CLIP:
+        """`model` with its image tower replaced by this one (in place), for zero-shot and search."""
+        model.visual.load_state_dict(self.visual.state_dict())
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = directory / f".tmp-{WEIGHTS_FILE}"
+        save_file(state, str(tmp))
+        os.replace(tmp, directory / WEIGHTS_FILE)
+        meta = {
+            "type": ARTIFACT_TYPE,
+            "class_names": list(self.class_names),
+            "image_size": self.image_size,
+            "clip_config": self.clip_config.to_dict(),
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "ImageClassifier":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{directory} holds no {META_FILE}; give a directory written by `vlm finetune` "
+                "(ImageClassifier.save_pretrained)"
+            )
+        meta = json.loads(meta_path.read_text())
+        classifier = cls(CLIPConfig.from_dict(meta["clip_config"]), meta["class_names"], meta.get("image_size"))
+        classifier.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        return classifier.eval()
+
+
+@torch.no_grad()
+def zeroshot_head(model: CLIP, class_names: Sequence[str], templates: str | Sequence[str] = "simple") -> nn.Linear:
+    """A head equal to the zero-shot classifier: weight = logit_scale * class embeddings, bias = logit_bias."""
+    from vlm.zeroshot import build_classifier
+
+    zs = build_classifier(model, list(class_names), templates)
+    head = nn.Linear(zs.weights.shape[1], zs.weights.shape[0])
+    head.weight.copy_(zs.logit_scale * zs.weights)
+    head.bias.fill_(zs.logit_bias or 0.0)
+    return head
+
+
+# ---- data -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadedImages:
+    """Decoded, transformed images (N, 3, H, W) and their labels (N,); unreadable images are left out
+    and listed in `failures`."""
+
+    images: Tensor
+    labels: Tensor
+    class_names: tuple[str, ...]
+    failures: FailureLog = field(default_factory=FailureLog)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_images(
+    data: LabelledImages,
+    config: CLIPConfig,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> LoadedImages:
+    """Decodes every image of `data` once with the model's eval transform; broken files are counted, skipped.
+
+    `image_size` other than the model's trains and evaluates at a new resolution: the tower resamples its
+    position embeddings to the new patch grid (bicubic) on every forward."""
+    vision = config.vision
+    if image_size is not None:
+        if image_size <= 0 or image_size % vision.patch_size:
+            raise ValueError(f"image_size={image_size!r} must be a positive multiple of the patch size {vision.patch_size}")
+        vision = replace(vision, image_size=image_size)
+    transform = image_transform(vision, train=False)
+    log = FailureLog()
+    chunks, indices = [], []
+    for batch in iter_image_batches(
+        data.images.sources, transform, batch_size=batch_size, failure_log=log, progress=progress, desc="decode"
+    ):
+        if len(batch.indices):
+            chunks.append(batch.images)
+            indices.append(batch.indices)
+    if not chunks:
+        raise ValueError(f"none of the {len(data.images)} images could be read; see the failures logged above")
+    index = torch.cat(indices)
+    labels = torch.tensor(data.labels, dtype=torch.long)[index]
+    if log.count:
+        logger.warning("%d of %d images could not be read and are left out", log.count, len(data.images))
+    return LoadedImages(torch.cat(chunks), labels, data.class_names, log)
+
+
+def shift_images(images: Tensor, *, seed: int = 0) -> Tensor:
+    """The shifted copy: a quarter of the images each rotated (±20°), blurred, noised, or rescaled (shrunk
+    to 60% and padded back), deterministically by `seed`. Works on normalised tensors (B, 3, H, W)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(seed)
+    out = images.clone()
+    kind = torch.arange(len(images)) % 4
+    H, W = images.shape[-2:]
+    for i in range(len(images)):
+        x = images[i]
+        fill = [float(v) for v in x[:, 0, 0]]  # the corner colour: the background
+        if kind[i] == 0:
+            angle = float(torch.empty(1).uniform_(15, 25, generator=g)) * (1 if i % 8 < 4 else -1)
+            out[i] = TF.rotate(x, angle, fill=fill)
+        elif kind[i] == 1:
+            out[i] = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[1.2, 1.2])
+        elif kind[i] == 2:
+            out[i] = x + 0.5 * torch.randn(x.shape, generator=g)
+        else:
+            h, w = max(1, int(H * 0.6)), max(1, int(W * 0.6))
+            small = TF.resize(x, [h, w], antialias=True)
+            top, left = (H - h) // 2, (W - w) // 2
+            out[i] = torch.tensor(fill).view(3, 1, 1).expand(3, H, W).clone()
+            out[i, :, top : top + h, left : left + w] = small
+    return out
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_logits(classifier: ImageClassifier, images: Tensor, batch_size: int = 256) -> Tensor:
+    was_training = classifier.training
+    classifier.eval()
+    out = torch.cat([classifier(images[s : s + batch_size]) for s in range(0, len(images), batch_size)])
+    classifier.train(was_training)
+    return out
+
+
+def evaluate_classifier(classifier: ImageClassifier, data: LoadedImages, batch_size: int = 256) -> Metrics:
+    """Top-1, top-5, mean per-class recall and the confusion matrix of `classifier` on `data`."""
+    if tuple(data.class_names) != classifier.class_names:
+        raise ValueError(
+            f"the data's classes {list(data.class_names)} differ from the classifier's {list(classifier.class_names)}; "
+            "evaluate on data with the same class folders"
+        )
+    return compute_metrics(predict_logits(classifier, data.images, batch_size), data.labels, data.class_names)
+
+
+# ---- linear probe ---------------------------------------------------------------------------------
+@torch.no_grad()
+def _features(classifier: ImageClassifier, images: Tensor, batch_size: int = 256) -> Tensor:
+    classifier.eval()
+    return torch.cat([classifier.features(images[s : s + batch_size]) for s in range(0, len(images), batch_size)])
+
+
+def train_linear_probe(head: nn.Linear, features: Tensor, labels: Tensor, config: FinetuneConfig) -> nn.Linear:
+    """Trains `head` in place on cached `features` (N, E): full-batch AdamW for `config.probe_steps` steps."""
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.probe_lr, weight_decay=config.probe_weight_decay)
+    for _ in range(config.probe_steps):
+        loss = F.cross_entropy(head(features), labels, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    logger.info("linear probe: final training loss %.4f", float(loss.detach()))
+    return head
+
+
+# ---- layer decay ----------------------------------------------------------------------------------
+def _layer_id(name: str, depth: int) -> int:
+    """0 for the embedding (patches, class token, positions, pre-norm), i + 1 for block i, depth + 1 above."""
+    if name.startswith("visual.transformer.blocks."):
+        return int(name.split(".")[3]) + 1
+    if name.startswith(("visual.patch_embed", "visual.class_token", "visual.pos_embed", "visual.norm_pre")):
+        return 0
+    return depth + 1
+
+
+def layer_decay_groups(classifier: ImageClassifier, lr: float, layer_decay: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: the lr of layer l is `lr * layer_decay ** (depth + 1 - l)`; weight decay follows the
+    training rule (`training.optim.param_groups`: only weights with ndim >= 2 outside `no_weight_decay`)."""
+    depth = len(classifier.visual.transformer.blocks)
+    skip = classifier.no_weight_decay()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in classifier.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = _layer_id(name, depth)
+        decay = param.ndim >= 2 and name not in skip
+        group = groups.setdefault(
+            (layer, decay),
+            {"params": [], "names": [], "lr": lr * layer_decay ** (depth + 1 - layer), "weight_decay": weight_decay if decay else 0.0},
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _freeze_blocks(classifier: ImageClassifier, unlocked_blocks: int | None) -> None:
+    if unlocked_blocks is None:
+        return
+    blocks = classifier.visual.transformer.blocks
+    if unlocked_blocks > len(blocks):
+        raise ValueError(f"unlocked_blocks={unlocked_blocks} but the image tower has {len(blocks)} blocks; use at most {len(blocks)}")
+    classifier.visual.requires_grad_(False)
+    for module in [*blocks[len(blocks) - unlocked_blocks :], classifier.visual.norm, classifier.visual.proj]:
+        module.requires_grad_(True)
+
+
+# ---- fine-tuning ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FinetuneResult:
+    """The fine-tuned classifier and its training-loss history (one value per optimiser step)."""
+
+    classifier: ImageClassifier
+    losses: list[float]
+
+
+def _init_head(classifier: ImageClassifier, model: CLIP, train: LoadedImages, config: FinetuneConfig, templates) -> None:
+    needs_probe = config.mode in ("linear-probe", "lp-ft") or config.head_init == "probe"
+    if config.head_init == "zeroshot":
+        classifier.head.load_state_dict(zeroshot_head(model, classifier.class_names, templates).state_dict())
+    if needs_probe:
+        features = _features(classifier, train.images)  # computed once: the cache the probe trains on
+        train_linear_probe(classifier.head, features, train.labels, config)
+
+
+def finetune(
+    model: CLIP,
+    train: LoadedImages,
+    config: FinetuneConfig,
+    *,
+    templates: str | Sequence[str] = "simple",
+    checkpoint_dir: str | os.PathLike | None = None,
+) -> FinetuneResult:
+    """Fine-tunes a copy of `model`'s image tower on `train` as `config.mode` says; `model` is not changed.
+
+    With `checkpoint_dir`, the tower's training is checkpointed after every epoch and a rerun with the
+    same arguments resumes from the last one, to the same weights an uninterrupted run reaches."""
+    torch.manual_seed(config.seed)
+    if config.mode == "flyp":
+        return _finetune_flyp(model, train, config, templates)
+    classifier = ImageClassifier.from_clip(model, train.class_names)
+    _init_head(classifier, model, train, config, templates)
+    if config.mode == "linear-probe":
+        return FinetuneResult(classifier.eval(), [])
+    _freeze_blocks(classifier, config.unlocked_blocks)
+    losses = _train_tower(classifier, train, config, Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    return FinetuneResult(classifier.eval(), losses)
+
+
+def _train_tower(
+    classifier: ImageClassifier, train: LoadedImages, config: FinetuneConfig, checkpoint_dir: Path | None = None
+) -> list[float]:
+    from training.config import ScheduleConfig
+    from training.optim import build_scheduler
+
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps = config.epochs * steps_per_epoch
+    groups = layer_decay_groups(classifier, config.lr, config.layer_decay, config.weight_decay)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
+    scheduler = build_scheduler(optimizer, ScheduleConfig(steps=steps, warmup_steps=min(config.warmup_steps, steps - 1)))
+    g = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    ema = {k: v.detach().clone() for k, v in classifier.state_dict().items()} if config.ema_decay else None
+    start = _resume(checkpoint_dir, classifier, optimizer, scheduler, g, losses, ema)
+    classifier.train()
+    bar = _bar(steps, config.progress, initial=start * steps_per_epoch)
+    for epoch in range(start, config.epochs):
+        order = torch.randperm(len(train), generator=g)
+        for s in range(0, len(train), config.batch_size):
+            idx = order[s : s + config.batch_size]
+            loss = _batch_loss(classifier, train.images[idx], train.labels[idx], config, step=len(losses))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            if ema is not None:
+                _update_ema(ema, classifier, config.ema_decay)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if checkpoint_dir is not None:
+            _save_epoch(checkpoint_dir, epoch + 1, classifier, optimizer, scheduler, g, losses, ema)
+    if bar is not None:
+        bar.close()
+    if ema is not None:
+        classifier.load_state_dict(ema)
+    return losses
+
+
+def _finetune_flyp(model: CLIP, train: LoadedImages, config: FinetuneConfig, templates) -> FinetuneResult:
+    """FLYP (Goyal et al. 2023): fine-tune both towers of a copy of `model` with its own contrastive loss
+    against class-prompt captions, then classify with the zero-shot head the tuned text tower gives."""
+    import copy
+
+    from vlm.templates import fill_template, resolve_templates
+    from vlm.tokenizer import get_tokenizer
+
+    from .config import OptimConfig, ScheduleConfig
+    from .losses import contrastive_loss
+    from .optim import build_optimizer, build_scheduler, clamp_logit_scale
+
+    clip = copy.deepcopy(model).train()
+    clip.requires_grad_(True)
+    tokenizer, prompts = get_tokenizer(clip), resolve_templates(templates)
+    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    optimizer = build_optimizer(clip, OptimConfig(lr=config.lr, weight_decay=config.weight_decay))
+    scheduler = build_scheduler(optimizer, ScheduleConfig(steps=steps, warmup_steps=min(config.warmup_steps, steps - 1)))
+    kind = "clip" if clip.logit_bias is None else "sigmoid"
+    g = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    for _ in range(config.epochs):
+        order = torch.randperm(len(train), generator=g)
+        for s in range(0, len(train), config.batch_size):
+            idx = order[s : s + config.batch_size]
+            # Templates rotate through the batch so that every wording is trained on.
+            captions = [
+                fill_template(prompts[(len(losses) + j) % len(prompts)], train.class_names[int(y)])
+                for j, y in enumerate(train.labels[idx])
+            ]
+            loss = contrastive_loss(clip(train.images[idx], tokenizer(captions)), kind)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            clamp_logit_scale(clip)
+            losses.append(float(loss.detach()))
+    clip.eval()
+    classifier = ImageClassifier.from_clip(clip, train.class_names)
+    classifier.head.load_state_dict(zeroshot_head(clip, train.class_names, templates).state_dict())
+    return FinetuneResult(classifier.eval(), losses)
+
+
+def _batch_loss(classifier: ImageClassifier, images: Tensor, labels: Tensor, config: FinetuneConfig, step: int) -> Tensor:
+    """Cross-entropy (with label smoothing), on mixup'd pairs when `mixup_alpha` > 0."""
+    ce = partial(F.cross_entropy, label_smoothing=config.label_smoothing)
+    if not config.mixup_alpha or len(images) < 2:
+        return ce(classifier(images), labels)
+    # The coefficient is drawn from (seed, step), not from a running generator: a resumed run draws the same ones.
+    lam = float(np.random.default_rng((config.seed, step)).beta(config.mixup_alpha, config.mixup_alpha))
+    logits = classifier(lam * images + (1 - lam) * images.flip(0))
+    return lam * ce(logits, labels) + (1 - lam) * ce(logits, labels.flip(0))
+
+
+@torch.no_grad()
+def _update_ema(ema: dict[str, Tensor], classifier: ImageClassifier, decay: float) -> None:
+    for k, v in classifier.state_dict().items():
+        if v.is_floating_point():
+            ema[k].lerp_(v, 1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+# A checkpoint after every epoch: the weights, optimiser and schedule, the shuffling generator and the
+# losses so far. Written to a temporary name and renamed, so a kill leaves the previous one whole.
+CHECKPOINT_FILE = "finetune_state.pt"
+
+
+def _save_epoch(
+    directory: Path, epoch: int, classifier, optimizer, scheduler, g: torch.Generator, losses: list[float], ema=None
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": epoch,
+        "model": classifier.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": g.get_state(),
+        "losses": list(losses),
+        "ema": ema,
+    }
+    tmp = directory / f".tmp-{CHECKPOINT_FILE}"
+    torch.save(state, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+    logger.info("fine-tune checkpoint saved after epoch %d: %s", epoch, directory / CHECKPOINT_FILE)
+    return directory / CHECKPOINT_FILE
+
+
+def _resume(
+    directory: Path | None, classifier, optimizer, scheduler, g: torch.Generator, losses: list[float], ema=None
+) -> int:
+    """Restores the last epoch's checkpoint if `directory` holds one; returns the epoch to start at."""
+    path = Path(directory) / CHECKPOINT_FILE if directory is not None else None
+    if path is None or not path.is_file():
+        return 0
+    state = torch.load(path, weights_only=True)
+    classifier.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    g.set_state(state["generator"])
+    losses.extend(state["losses"])
+    if ema is not None:
+        if state.get("ema") is None:
+            raise ValueError(f"{path} was saved without a weight EMA but ema_decay is set; resume with the same settings")
+        ema.update(state["ema"])
+    logger.info("resumed fine-tuning from %s after epoch %d", path, state["epoch"])
+    return int(state["epoch"])
+
+
+def _bar(total: int, enabled: bool, initial: int = 0):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="fine-tune", unit="step")
+
+
+# ---- WiSE-FT --------------------------------------------------------------------------------------
+@torch.no_grad()
+def wise_ft(zeroshot: ImageClassifier, finetuned: ImageClassifier, alpha: float) -> ImageClassifier:
+    """A new classifier with weights (1 - alpha) * zeroshot + alpha * finetuned.
+
+    `torch.lerp` computes each end from its own side, so alpha=0 and alpha=1 give the endpoints bit for bit.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"the WiSE-FT coefficient must be in [0, 1] (0 = zero-shot, 1 = fine-tuned), got {alpha!r}")
+    if zeroshot.class_names != finetuned.class_names:
+        raise ValueError("WiSE-FT needs two classifiers over the same classes; these differ")
+    a, b = zeroshot.state_dict(), finetuned.state_dict()
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        raise ValueError("WiSE-FT needs two classifiers of the same architecture; their weights differ in shape")
+    mixed = ImageClassifier(finetuned.clip_config, finetuned.class_names, finetuned.image_size)
+    mixed.load_state_dict({k: torch.lerp(a[k].float(), b[k].float(), alpha).to(b[k].dtype) for k in a})
+    return mixed.eval()
+
+
+@dataclass(frozen=True)
+class WiseFTPoint:
+    alpha: float
+    accuracy: float  # top-1 on the held-out split
+    robustness: float  # top-1 on its shifted copy
+
+
+def wise_ft_sweep(
+    zeroshot: ImageClassifier, finetuned: ImageClassifier, test: LoadedImages, shifted: LoadedImages, alphas: Sequence[float]
+) -> list[WiseFTPoint]:
+    """Accuracy and robustness of the interpolated classifier at each coefficient."""
+    points = []
+    for alpha in alphas:
+        mixed = wise_ft(zeroshot, finetuned, alpha)
+        points.append(
+            WiseFTPoint(alpha, evaluate_classifier(mixed, test).top1, evaluate_classifier(mixed, shifted).top1)
+        )
+        logger.info("WiSE-FT alpha=%.2f: top-1 %.4f, shifted %.4f", alpha, points[-1].accuracy, points[-1].robustness)
+    return points
+
+
+def save_sweep_png(points: Sequence[WiseFTPoint], path: str | os.PathLike) -> Path:
+    """Accuracy (x) vs robustness (y), one labelled point per coefficient."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([p.accuracy for p in points], [p.robustness for p in points], "o-")
+    for p in points:
+        ax.annotate(f"{p.alpha:g}", (p.accuracy, p.robustness), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("top-1, held-out split")
+    ax.set_ylabel("top-1, shifted copy")
+    ax.set_title("WiSE-FT sweep (label: coefficient)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def sweep_to_json(points: Sequence[WiseFTPoint]) -> list[dict]:
+    return [asdict(p) for p in points]

@@ -1,0 +1,162 @@
+"""`vlm finetune DATA --model M --mode ...` and `vlm eval classify DATA --model CLASSIFIER_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+__all__ = ["finetune_main", "eval_classify_main"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SWEEP = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
+
+
+def _splits(data: Path, eval_data: str | None) -> tuple[Path, Path]:
+    if eval_data is not None:
+        return data, Path(eval_data)
+    if (data / "train").is_dir() and (data / "test").is_dir():
+        return data / "train", data / "test"
+    raise ValueError(
+        f"{data} has no train/ and test/ subfolders; lay it out as {data}/{{train,test}}/<class>/<image> "
+        "or give the held-out split with --eval FOLDER"
+    )
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError as err:
+        raise ValueError(f"--sweep {text!r} is not a comma-separated list of numbers in [0, 1], e.g. {DEFAULT_SWEEP}") from err
+    bad = [v for v in values if not 0 <= v <= 1]
+    if bad:
+        raise ValueError(f"--sweep has {bad[0]!r}, outside [0, 1]; WiSE-FT coefficients go from 0 (zero-shot) to 1")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    from vlm.cli import add_model_argument
+
+    from .finetune import HEAD_INITS, MODES
+
+    p = argparse.ArgumentParser(prog="vlm finetune", description="fine-tune the image tower on labelled images")
+    p.add_argument("data", help="folder with train/ and test/ subfolders of class folders (or a class folder with --eval)")
+    add_model_argument(p)
+    p.add_argument("--eval", default=None, help="held-out class folder (default: DATA/test)")
+    p.add_argument("--output", required=True, help="directory the classifier, metrics.json and sweep.png go to")
+    p.add_argument("--mode", choices=MODES, default="full")
+    p.add_argument("--head-init", choices=HEAD_INITS, default="zeroshot")
+    p.add_argument("--templates", default="simple", help="prompt templates for the zero-shot head: a set name or a file")
+    p.add_argument("--image-size", type=int, default=None, help="train at this resolution (position embeddings are resampled)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--layer-decay", type=float, default=1.0, help="per-block lr decay, e.g. 0.75 (1 = none)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--ema-decay", type=float, default=0.0, help="keep and save a weight EMA, e.g. 0.999 (0 = off)")
+    p.add_argument("--mixup-alpha", type=float, default=0.0, help="mixup Beta(alpha, alpha), e.g. 0.2 (0 = off)")
+    p.add_argument("--unlocked-blocks", type=int, default=None, help="train only the last N blocks")
+    p.add_argument("--probe-steps", type=int, default=300)
+    p.add_argument("--probe-lr", type=float, default=1e-2)
+    p.add_argument("--wise-ft", type=float, default=None, help="save the WiSE-FT mix at this coefficient (default: 1)")
+    p.add_argument("--sweep", default=DEFAULT_SWEEP, help="WiSE-FT coefficients to evaluate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def finetune_main(argv: list[str]) -> int:
+    from vlm.cli import load_model_from_args
+    from vlm.evaluation import labelled_folder
+
+    from .finetune import FinetuneConfig, LoadedImages, evaluate_classifier, finetune, load_images, save_sweep_png
+    from .finetune import ImageClassifier, shift_images, sweep_to_json, wise_ft, wise_ft_sweep, zeroshot_head
+
+    args = _parser().parse_args(argv)
+    train_dir, test_dir = _splits(Path(args.data), args.eval)
+    alphas = _alphas(args.sweep)
+    if args.wise_ft is not None and not 0 <= args.wise_ft <= 1:
+        raise ValueError(f"--wise-ft {args.wise_ft!r} is outside [0, 1]; 0 = zero-shot weights, 1 = fine-tuned")
+    config = FinetuneConfig(
+        mode=args.mode, head_init=args.head_init, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, layer_decay=args.layer_decay, label_smoothing=args.label_smoothing,
+        ema_decay=args.ema_decay, mixup_alpha=args.mixup_alpha, unlocked_blocks=args.unlocked_blocks, probe_steps=args.probe_steps, probe_lr=args.probe_lr, seed=args.seed,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    model = load_model_from_args(args)
+    progress = not args.no_progress
+    size = args.image_size
+    train = load_images(labelled_folder(train_dir), model.config, image_size=size, progress=progress)
+    test = load_images(labelled_folder(test_dir), model.config, image_size=size, progress=progress)
+    if test.class_names != train.class_names:
+        raise ValueError(f"{test_dir} has classes {list(test.class_names)}, {train_dir} has {list(train.class_names)}; use the same class folders")
+    shifted = LoadedImages(shift_images(test.images, seed=args.seed), test.labels, test.class_names)
+
+    zeroshot = ImageClassifier.from_clip(model, train.class_names)
+    zeroshot.head.load_state_dict(zeroshot_head(model, train.class_names, args.templates).state_dict())
+    output = Path(args.output)
+    # Rerunning the same command after a kill resumes from the last epoch's checkpoint.
+    tuned = finetune(model, train, config, templates=args.templates, checkpoint_dir=output / "checkpoint").classifier
+    points = wise_ft_sweep(zeroshot.eval(), tuned, test, shifted, alphas)
+    alpha = 1.0 if args.wise_ft is None else args.wise_ft
+    chosen = wise_ft(zeroshot, tuned, alpha)
+    chosen.image_size = size or chosen.image_size
+
+    chosen.save_pretrained(output)
+    save_sweep_png(points, output / "sweep.png")
+    report = {
+        "mode": args.mode,
+        "wise_ft": alpha,
+        "zeroshot": {"test": evaluate_classifier(zeroshot, test).to_dict(), "shifted": evaluate_classifier(zeroshot, shifted).to_dict()},
+        "finetuned": {"test": evaluate_classifier(chosen, test).to_dict(), "shifted": evaluate_classifier(chosen, shifted).to_dict()},
+        "sweep": sweep_to_json(points),
+        "skipped_images": train.failures.count + test.failures.count,
+    }
+    (output / "metrics.json").write_text(json.dumps(report, indent=2))
+    print(_summary(report, output))
+    return 0
+
+
+def _summary(report: dict, output: Path) -> str:
+    lines = [f"{'':<10} {'top-1':>7} {'top-5':>7} {'recall':>7} {'shifted':>8}"]
+    for name in ("zeroshot", "finetuned"):
+        t, s = report[name]["test"], report[name]["shifted"]
+        lines.append(f"{name:<10} {t['top1']:7.4f} {t['top5']:7.4f} {t['mean_per_class_recall']:7.4f} {s['top1']:8.4f}")
+    lines.append("WiSE-FT sweep (alpha: top-1 / shifted): " + ", ".join(
+        f"{p['alpha']:g}: {p['accuracy']:.4f}/{p['robustness']:.4f}" for p in report["sweep"]
+    ))  # fmt: skip
+    if report["skipped_images"]:
+        lines.append(f"{report['skipped_images']} unreadable image(s) skipped")
+    lines.append(f"classifier (WiSE-FT {report['wise_ft']:g}) saved to {output}")
+    return "\n".join(lines)
+
+
+def eval_classify_main(argv: list[str]) -> int:
+    from vlm.evaluation import labelled_folder
+
+    from .finetune import ImageClassifier, LoadedImages, evaluate_classifier, load_images, shift_images
+
+    p = argparse.ArgumentParser(prog="vlm eval classify", description="evaluate a fine-tuned classifier")
+    p.add_argument("data", help="class folder: DATA/<class>/<image>")
+    p.add_argument("--model", required=True, help="classifier directory written by `vlm finetune`")
+    p.add_argument("--output", default=None, help="write the metrics as JSON here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shifted copy")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    classifier = ImageClassifier.from_pretrained(args.model)
+    data = load_images(
+        labelled_folder(args.data), classifier.clip_config, image_size=classifier.image_size, progress=not args.no_progress
+    )
+    shifted = LoadedImages(shift_images(data.images, seed=args.seed), data.labels, data.class_names)
+    report = {"test": evaluate_classifier(classifier, data).to_dict(), "shifted": evaluate_classifier(classifier, shifted).to_dict()}
+    t, s = report["test"], report["shifted"]
+    print(f"top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  mean per-class recall {t['mean_per_class_recall']:.4f}")
+    print(f"shifted copy: top-1 {s['top1']:.4f}  top-5 {s['top5']:.4f}  mean per-class recall {s['mean_per_class_recall']:.4f}")
+    if data.failures.count:
+        print(data.failures.summary(len(data) + data.failures.count))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0
