@@ -5,7 +5,8 @@
     GET  /items/{id}, /items/{id}/image, /items/{id}/thumbnail
     GET  /health, /info, /                    (the page), /openapi.json (the schema)
 
-The model loads once. Text queries that arrive together are embedded in one batch (`MicroBatcher`).
+The model loads once. Text (and image) queries that arrive together are embedded in one batch
+(`MicroBatcher`).
 Files are served only when they belong to the index *and* their real path (symlinks resolved) lies
 under the collection's root folders, so neither `..` nor a symlink reaches anything else. Uploads
 are limited in bytes while reading and in pixels from the image header, before any decoding.
@@ -29,6 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
+
+from vlm.images import ImageLoadError, load_image
+from vlm.transforms import image_transform
 
 from .search import SearchIndex, SearchResults
 
@@ -173,10 +177,13 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
     batcher = MicroBatcher(
         lambda texts: embed_texts(model, texts).numpy(), window_ms=config.batch_window_ms, max_batch=config.max_batch
     )
+    image_batcher = MicroBatcher(
+        lambda images: _embed_image_batch(model, images), window_ms=config.batch_window_ms, max_batch=config.max_batch
+    )
     guard = FileGuard(index, config.roots)
     fields = _filter_fields(index, config.filter_fields)
     app = FastAPI(title="vlm search", version="1", description="Search an image-text index by text, image or vector.")
-    app.state.batcher = batcher
+    app.state.batcher, app.state.image_batcher = batcher, image_batcher
 
     def run(xq: np.ndarray, k: int, where: str | None) -> dict[str, Any]:
         if where is not None and len(where) > config.max_where_chars:
@@ -281,12 +288,9 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
         k = _form_int(payload.get("k"), 10, config.max_k)
         return run(vector, k, payload.get("where"))
 
+    transform = image_transform(model)
+
     def _embed_upload(data: bytes) -> np.ndarray:
-        import torch
-
-        from vlm.images import ImageLoadError, load_image
-        from vlm.transforms import image_transform
-
         if len(data) > config.max_upload_bytes:
             raise HTTPException(413, f"upload larger than {config.max_upload_bytes} bytes")
         _check_pixels(data, config.max_upload_pixels)
@@ -294,9 +298,8 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
             image = load_image(data, max_pixels=config.max_upload_pixels)
         except ImageLoadError as err:
             raise HTTPException(400, f"not a readable image: {err.reason}") from err
-        with torch.inference_mode():
-            x = image_transform(model)(image)[None].to(model.logit_scale.device, model.logit_scale.dtype)
-            return model.encode_image(x, normalize=True)[0].float().cpu().numpy()
+        # Decoding and resizing happen in the request's thread; the model sees a batch of uploads.
+        return image_batcher.embed(transform(image))
 
     @app.get("/items/{item_id}")
     def item(item_id: int) -> dict[str, Any]:
@@ -322,6 +325,15 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     return app
+
+
+def _embed_image_batch(model: Any, images: list[Any]) -> np.ndarray:
+    """(n, E) normalised embeddings of preprocessed image tensors (3, H, W)."""
+    import torch
+
+    with torch.inference_mode():
+        x = torch.stack(images).to(model.logit_scale.device, model.logit_scale.dtype)
+        return model.encode_image(x, normalize=True).float().cpu().numpy()
 
 
 def _form_int(value: Any, default: int, maximum: int) -> int:

@@ -123,7 +123,9 @@ def _choose(vindex: VectorIndex, measure: Measure, target: float) -> tuple[Searc
         nlist = max(1, vindex.spec.nlist or _nlist(vindex))
         if base.rerank:
             for rerank in RERANK_LADDER:
-                params, recall = _smallest(lambda v, r=rerank: replace(base, nprobe=v, rerank=r), 1, nlist, measure, target)
+                params, recall = _smallest(
+                    lambda v, r=rerank: replace(base, nprobe=v, rerank=r), 1, nlist, measure, target
+                )
                 if recall[1] >= target:
                     break
             return params, recall

@@ -32,23 +32,7 @@ def test_index_and_search_end_to_end(setup, capsys):
     root, paths, extra, _ = setup
     out = root / "photos.index"
     common = ["--no-progress", "--batch-size", "4"]
-    assert (
-        main(
-            [
-                "index",
-                "build",
-                str(root / "photos"),
-                "--out",
-                str(out),
-                "--model",
-                str(root / "model"),
-                "--kind",
-                "flat",
-                *common,
-            ]
-        )
-        == 0
-    )
+    assert index_build(root, root / "photos", out, "--kind", "flat", *common) == 0
     report = capsys.readouterr().out
     assert "build: 18 items" in report and "1 unreadable" in report
 
@@ -78,30 +62,13 @@ def test_index_and_search_end_to_end(setup, capsys):
 def test_caption_index_ivf_and_eval(setup, capsys):
     root, paths, _, table = setup
     out = root / "captions.index"
-    args = [
-        "index",
-        "build",
-        str(table),
-        "--out",
-        str(out),
-        "--model",
-        str(root / "model"),
-        "--embed",
-        "text",
-        "--kind",
-        "IVF4,Flat",
-        "--target-recall",
-        "0.9",
-        "--no-progress",
-    ]
-    assert main(args) == 0
+    args = ["--embed", "text", "--kind", "IVF4,Flat", "--target-recall", "0.9", "--no-progress"]
+    assert index_build(root, table, out, *args) == 0
     assert "IVF4,Flat" in capsys.readouterr().out
     assert main(["search", str(out), "--image", str(paths[0]), "-k", "2"]) == 0
     assert " square" in capsys.readouterr().out  # captions come back
-    assert (
-        main(["index", "eval", str(table), "--model", str(root / "model"), "-k", "1", "5", "--json", "--no-progress"])
-        == 0
-    )
+    model = ["--model", str(root / "model")]
+    assert main(["index", "eval", str(table), *model, "-k", "1", "5", "--json", "--no-progress"]) == 0
     recall = json.loads(capsys.readouterr().out)
     assert recall["images"] == 18 and set(recall["image_to_text"]) == {"1", "5"}
 
@@ -110,37 +77,12 @@ def test_user_mistakes_are_clean_errors(setup, capsys):
     root, *_ = setup
     assert main(["search", str(root / "nowhere"), "--text", "x"]) == 1
     assert "not a search index" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "index",
-                "build",
-                str(root / "photos"),
-                "--out",
-                str(root / "photos.index"),
-                "--model",
-                str(root / "model"),
-                "--no-progress",
-            ]
-        )
-        == 1
-    )
+    assert index_build(root, root / "photos", root / "photos.index", "--no-progress") == 1
     assert "--overwrite" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "index",
-                "build",
-                str(root / "photos"),
-                "--out",
-                str(root / "x"),
-                "--model",
-                str(root / "model"),
-                "--memory-budget",
-                "lots",
-            ]
-        )
-        == 1
-    )
+    assert index_build(root, root / "photos", root / "x", "--memory-budget", "lots") == 1
     assert "memory size" in capsys.readouterr().err
     assert main(["index", "frobnicate"]) == 2
+
+
+def index_build(root, source, out, *extra) -> int:
+    return main(["index", "build", str(source), "--out", str(out), "--model", str(root / "model"), *extra])

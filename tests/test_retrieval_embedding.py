@@ -124,7 +124,9 @@ def test_hf_dataset_images_embed_like_files(model, images, tmp_path):
     ds = datasets.Dataset.from_dict({"image": [str(p) for p in paths[:4]]}).cast_column("image", datasets.Image())
     ds = datasets.Dataset.from_dict({"image": [ds[i]["image"] for i in range(4)]}, features=ds.features)  # bytes only
     # a DataLoader worker process decodes the bytes: the dataset view must travel to it (pickle)
-    job = EmbeddingJob(tmp_path / "hf", model, open_source(ds), EmbedOptions(progress=False, draft=False, num_workers=1))
+    job = EmbeddingJob(
+        tmp_path / "hf", model, open_source(ds), EmbedOptions(progress=False, draft=False, num_workers=1)
+    )
     job.run()
     files = EmbeddingJob(tmp_path / "files", model, open_source(root), EmbedOptions(progress=False, draft=False))
     files.run()
@@ -203,34 +205,9 @@ def test_build_under_accelerate_launch_splits_and_merges(model, images, tmp_path
     root, paths = images
     model.save_pretrained(tmp_path / "model")
     out = tmp_path / "index"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "vlm",
-        "index",
-        "build",
-        str(root),
-        "--out",
-        str(out),
-        "--model",
-        str(tmp_path / "model"),
-        "--chunk-size",
-        "4",
-        "--batch-size",
-        "2",
-        "--no-progress",
-    ]
+    launch = "accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    build = ["-m", "vlm", "index", "build", str(root), "--out", str(out), "--model", str(tmp_path / "model")]
+    command = [sys.executable, "-m", *launch.split(), *build, *"--chunk-size 4 --batch-size 2 --no-progress".split()]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # On a machine without GPUs, `--multi_gpu` runs torchrun with two CPU processes over gloo (`--cpu`
     # alone would start one process).

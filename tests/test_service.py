@@ -202,6 +202,23 @@ def test_micro_batcher_batches_concurrent_requests():
     assert len(seen) < 8  # at least some requests shared a batch
 
 
+def test_concurrent_image_uploads_share_batches(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, index, _, _ = served
+    before = list(client.app.state.image_batcher.batches)
+    colours = [(220, 30, 30), (30, 200, 40), (30, 40, 220)] * 4
+    upload = lambda c: client.post("/search", files={"image": ("q.png", _png(colour=c), "image/png")}, data={"k": "1"})  # noqa: E731
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(upload, colours))
+    assert all(r.status_code == 200 for r in responses)
+    # Each upload finds an image of its own colour, whatever batch it was embedded in.
+    for colour, response in zip(colours, responses):
+        label = [k for k, v in COLOURS.items() if v == colour][0]
+        assert response.json()["results"][0]["metadata"]["label"] == label
+    assert sum(client.app.state.image_batcher.batches) - sum(before) == len(colours)
+
+
 def test_service_config_validation():
     with pytest.raises(ValueError, match="max_k must be positive"):
         ServiceConfig(max_k=0)

@@ -65,7 +65,28 @@ class _atomic_path:
             return
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
+        # mkstemp makes the file 0600; give it the permissions an ordinary open() would have.
+        os.chmod(self.tmp, 0o666 & ~_umask())
         os.replace(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Makes a rename in `directory` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_config(directory: str | Path) -> CLIPConfig:
