@@ -8,20 +8,10 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-# The core's write-aside-fsync-rename context manager; this module adds the directory fsync.
-from vlm.checkpoint import _atomic_path
+# The core's write-aside, fsync, rename, fsync-the-directory context manager, re-exported here.
+from vlm.checkpoint import atomic_path
 
 __all__ = ["atomic_path", "atomic_write_text", "fsync_file", "fsync_dir", "file_digest", "quiet_stdout"]
-
-
-@contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """A temporary path next to `final`; on success it is fsynced and renamed onto `final`."""
-    final = Path(final)
-    with _atomic_path(final) as tmp:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600: other users of the index must be able to read it
-    fsync_dir(final.parent)
 
 
 def atomic_write_text(final: str | Path, text: str) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 from .config import PRESETS, CLIPConfig, get_preset
 from .model import CLIP, create_model
 
-__all__ = ["save_pretrained", "load_pretrained", "load", "load_state_dict_file"]
+__all__ = ["save_pretrained", "load_pretrained", "load", "load_state_dict_file", "atomic_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,14 @@ def save_pretrained(model: CLIP, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **model.config.to_dict()}
-    with _atomic_path(directory / WEIGHTS_NAME) as tmp:
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_model(model, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
-    with _atomic_path(directory / CONFIG_NAME) as tmp:
+    with atomic_path(directory / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
-class _atomic_path:
+class atomic_path:
     """A temporary path next to `final`, renamed onto it (after fsync) when the block succeeds."""
 
     def __init__(self, final: Path) -> None:
