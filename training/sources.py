@@ -12,6 +12,7 @@ happens in DataLoader workers, where a bad sample is caught and skipped.
 
 from __future__ import annotations
 
+import abc
 import glob
 import logging
 import re
@@ -52,16 +53,16 @@ class Record:
     label: Any = None
 
 
-class MapSource:
+class MapSource(abc.ABC):
     """An indexable collection of records."""
 
     description: str = ""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> Record:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> Record: ...
 
     def records(self, limit: int = 0) -> list[Record]:
         n = len(self) if limit <= 0 else min(limit, len(self))
