@@ -51,6 +51,8 @@ _PROMPTS = (
 
 @dataclass(frozen=True)
 class BuildOptions:
+    """How `vlm index build` and updates choose, size and tune the index, and how they embed."""
+
     kind: str = "auto"  # auto, flat, hnsw, ivf, ivfpq or a FAISS factory string
     memory_budget: int | None = None  # bytes the index may use in RAM; None: half the machine's memory
     on_disk: bool | None = None  # IVF lists in a memory-mapped file; None: auto decides
@@ -87,6 +89,7 @@ class UpdateReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
+        """One line for the user: the action, item counts, unreadable items, index kind, tuned recall, seconds."""
         if self.action == "worker":
             return "this process embedded its share of the collection; the first process writes the index"
         parts = [f"{self.action}: {self.count} items in {self.directory} (version {self.version})"]

@@ -27,6 +27,8 @@ INDEX_COMMANDS = ("build", "add", "remove", "info", "eval")
 
 
 def index_main(argv: list[str]) -> int:
+    """`vlm index build|add|remove|info|eval ...`: runs the subcommand and returns its exit code; without
+    a known subcommand prints the usage on stderr and returns 2 (0 for --help)."""
     _quiet_faiss_loader()
     if not argv or argv[0] not in INDEX_COMMANDS:
         print(
@@ -260,6 +262,8 @@ def _eval(argv: list[str]) -> int:
 
 # ---- search --------------------------------------------------------------------------------------
 def search_main(argv: list[str]) -> int:
+    """`vlm search`: prints the top-k hits (rank, cosine score, id, path, caption) of each text or image
+    query, or one JSON line per query with --json. Returns 0."""
     parser = argparse.ArgumentParser(prog="vlm search", description="Query a search index by text or image.")
     parser.add_argument("directory", help="the index directory")
     query = parser.add_mutually_exclusive_group(required=True)

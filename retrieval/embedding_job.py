@@ -41,6 +41,8 @@ JOB_FILE = "job.json"
 
 @dataclass(frozen=True)
 class EmbedOptions:
+    """How an `EmbeddingJob` embeds: batching, workers, JPEG draft decoding, shard size, progress bar."""
+
     batch_size: int = 64
     num_workers: int = 0
     # JPEGs decode at a reduced scale that stays at least the model's input size: several times faster
@@ -70,6 +72,8 @@ class Shard:
 
 @dataclass
 class JobStatus:
+    """Progress of an embedding job after one `run`: shards done out of all chunks, and what this call did."""
+
     chunks: int  # in the whole job
     done: int  # chunks with a shard, all ranks
     embedded_now: int  # items embedded by this call
@@ -77,6 +81,7 @@ class JobStatus:
 
     @property
     def complete(self) -> bool:
+        """True when every chunk has its shard (on any rank)."""
         return self.done == self.chunks
 
 
@@ -149,12 +154,15 @@ class EmbeddingJob:
         atomic_write_text(path, json.dumps(wanted, indent=2, sort_keys=True))
 
     def shard_path(self, chunk: int) -> Path:
+        """The .npz file holding (or to hold) chunk `chunk`'s vectors."""
         return self.directory / f"chunk-{chunk:06d}.npz"
 
     def done_chunks(self) -> list[int]:
+        """Chunks whose shard file exists, ascending."""
         return [c for c in range(self.num_chunks) if self.shard_path(c).is_file()]
 
     def missing_chunks(self) -> list[int]:
+        """Chunks still to embed (no shard file yet), ascending."""
         return [c for c in range(self.num_chunks) if not self.shard_path(c).is_file()]
 
     # ---- running --------------------------------------------------------------------------------
@@ -264,6 +272,8 @@ class EmbeddingJob:
             yield self.read_shard(chunk)
 
     def read_shard(self, chunk: int) -> Shard:
+        """Chunk `chunk`'s positions, vectors xb (m, d) float32 and failures; ValueError naming the file (and
+        telling to delete it and rerun) when it is damaged."""
         path = self.shard_path(chunk)
         try:
             with np.load(path) as data:

@@ -27,12 +27,15 @@ DEFAULT_KS = (1, 5, 10)
 
 @dataclass
 class PairedRecall:
+    """Recall@k (fractions in [0, 1]) in both directions, with the numbers of images and captions evaluated."""
+
     image_to_text: dict[int, float]  # k -> recall@k
     text_to_image: dict[int, float]
     images: int
     texts: int
 
     def summary(self) -> str:
+        """Three lines for the user: recall@k each way, then the counts."""
         fmt = lambda r: "  ".join(f"R@{k} {v:.4f}" for k, v in r.items())  # noqa: E731
         return f"image->text {fmt(self.image_to_text)}\ntext->image {fmt(self.text_to_image)}\n({self.images} images, {self.texts} captions)"
 

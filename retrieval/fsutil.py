@@ -15,16 +15,19 @@ __all__ = ["atomic_path", "atomic_write_text", "fsync_file", "fsync_dir", "file_
 
 
 def atomic_write_text(final: str | Path, text: str) -> None:
+    """Replaces `final` with `text` atomically and durably: readers see the old file or the new one, never a part."""
     with atomic_path(final) as tmp:
         tmp.write_text(text)
 
 
 def fsync_file(path: str | Path) -> None:
+    """Flushes `path`'s contents to disk (not its directory entry: see `fsync_dir`)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 def fsync_dir(path: str | Path) -> None:
+    """Flushes the directory `path` to disk, so renames and new files in it survive a power loss."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

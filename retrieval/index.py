@@ -51,6 +51,7 @@ class SearchParams:
     rerank: int = 0  # candidates re-scored exactly with the stored vectors, as a multiple of k
 
     def to_dict(self) -> dict:
+        """The knobs as a dict, as the manifest records them."""
         return asdict(self)
 
 
@@ -116,6 +117,8 @@ class VectorIndex:
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def empty(cls, spec: IndexSpec, d: int) -> "VectorIndex":
+        """An untrained, empty index of `spec` for `d`-dimensional vectors, scored by inner product, with
+        the kind's default search knobs."""
         index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
         if faiss.try_extract_index_ivf(index) is None:
             index = faiss.IndexIDMap(index)  # IVF lists store ids themselves; everything else needs the map
@@ -139,6 +142,8 @@ class VectorIndex:
         return vindex
 
     def train(self, sample: np.ndarray) -> None:
+        """Trains the quantisers (IVF centroids, PQ codebooks) on `sample` (n, d) float32; ValueError for
+        an empty sample."""
         if len(sample) == 0:
             raise ValueError(f"cannot train a {self.spec.factory} index on an empty collection; use --kind flat")
         _limit_training(self.index)
@@ -176,6 +181,7 @@ class VectorIndex:
         return self._dead
 
     def add(self, ids: np.ndarray, xb: np.ndarray) -> None:
+        """Adds the vectors xb (n, d), L2-normalised, under their ids (n,) int64; in place."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids):
             self.index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), ids)
@@ -194,6 +200,8 @@ class VectorIndex:
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
 
     def needs_compaction(self) -> bool:
+        """True when removed vectors left as HNSW tombstones exceed COMPACT_FRACTION of the graph: time to
+        rebuild it from the stored vectors."""
         return self._tombstones() and self.dead > COMPACT_FRACTION * max(1, self.index.ntotal)
 
     def _tombstones(self) -> bool:
@@ -269,6 +277,7 @@ class VectorIndex:
 
     # ---- files ----------------------------------------------------------------------------------
     def write(self, directory: Path) -> None:
+        """Writes and fsyncs `directory/index.faiss` (on-disk IVF lists stay in their own file)."""
         faiss.write_index(self.index, str(directory / INDEX_FILE))
         fsync_file(directory / INDEX_FILE)
 

@@ -70,6 +70,7 @@ class IndexSpec:
 
     @property
     def is_ivf(self) -> bool:
+        """Whether the index has inverted lists (and so an `nprobe` knob and optional on-disk lists)."""
         return self.nlist > 0 or "IVF" in self.factory
 
     def bytes_per_vector(self, d: int) -> float:
@@ -83,10 +84,12 @@ class IndexSpec:
         return 4 * d + ID_BYTES
 
     def to_dict(self) -> dict:
+        """The fields as a dict, as the manifest records them."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "IndexSpec":
+        """The spec `to_dict` wrote; ValueError for a bad kind or on_disk setting."""
         return cls(**data)
 
 
@@ -208,6 +211,7 @@ def default_memory_budget() -> int:
 
 
 def format_bytes(n: float) -> str:
+    """A byte count for people, in binary units: ``512 B``, ``1.5 KiB``, ``3.2 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -46,6 +46,8 @@ class Item:
 
 
 def check_column_name(name: str) -> str:
+    """`name`, if usable as an extra column (an SQL identifier of at most 64 characters, not id, key, path
+    or caption); else ValueError telling to rename the column."""
     if not _IDENT.match(name) or name.lower() in BASE_COLUMNS:
         raise ValueError(
             f"metadata column name {name!r} is not usable: names are letters, digits and underscores "
@@ -69,6 +71,7 @@ class MetadataStore:
     # ---- connections ----------------------------------------------------------------------------
     @property
     def conn(self) -> sqlite3.Connection:
+        """The store's one SQLite connection, opened on first use (thread-safe)."""
         with self._lock:
             if self._conn is None:
                 self._conn = self._connect()
@@ -87,6 +90,7 @@ class MetadataStore:
             return self.conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
+        """Closes the connection; the next use opens a new one."""
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -94,6 +98,8 @@ class MetadataStore:
 
     # ---- writing --------------------------------------------------------------------------------
     def create(self, extra_columns: Sequence[str] = ()) -> None:
+        """Creates and commits the empty ``items`` table with the base columns plus `extra_columns`;
+        ValueError for an unusable column name."""
         cols = "".join(f', "{check_column_name(c)}"' for c in extra_columns)
         self.conn.execute(
             f"CREATE TABLE items (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, path TEXT, caption TEXT{cols})"
@@ -112,6 +118,7 @@ class MetadataStore:
         self._columns = None
 
     def add_columns(self, names: Iterable[str]) -> None:
+        """Adds the columns among `names` that the table lacks; ValueError for an unusable name."""
         for name in names:
             if name not in self.columns:
                 self.conn.execute(f'ALTER TABLE items ADD COLUMN "{check_column_name(name)}"')
@@ -130,25 +137,30 @@ class MetadataStore:
         self.conn.executemany(f"INSERT OR REPLACE INTO items ({names}) VALUES ({placeholders})", values)
 
     def delete(self, ids: Iterable[int]) -> None:
+        """Deletes the rows of `ids` (unknown ids are ignored); takes effect for others at `commit`."""
         ids = [int(i) for i in ids]
         for start in range(0, len(ids), _BATCH):
             batch = ids[start : start + _BATCH]
             self.conn.execute(f"DELETE FROM items WHERE id IN ({', '.join('?' * len(batch))})", batch)
 
     def commit(self) -> None:
+        """Commits the pending writes."""
         self.conn.commit()
 
     # ---- reading --------------------------------------------------------------------------------
     @property
     def columns(self) -> list[str]:
+        """The table's column names, base columns first."""
         if self._columns is None:
             self._columns = [row[1] for row in self._query("PRAGMA table_info(items)")]
         return self._columns
 
     def count(self) -> int:
+        """Number of items."""
         return self._query("SELECT COUNT(*) FROM items")[0][0]
 
     def get(self, item_id: int) -> Item | None:
+        """The item with id `item_id`, or None."""
         items = self.get_many([item_id])
         return items[0]
 
@@ -179,6 +191,7 @@ class MetadataStore:
         return out
 
     def all_ids(self) -> np.ndarray:
+        """Every item id, ascending, as an (n,) int64 array."""
         return np.asarray([r[0] for r in self._query("SELECT id FROM items ORDER BY id")], dtype=np.int64)
 
     def ids_where(self, where: str) -> np.ndarray:

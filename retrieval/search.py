@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Hit:
+    """One search result: the item's id, cosine score, key, path, caption and extra metadata columns."""
+
     id: int
     score: float  # cosine similarity
     key: str
@@ -104,14 +106,17 @@ class SearchIndex:
 
     @property
     def manifest(self) -> Manifest:
+        """The manifest of the version this index reads."""
         return self._version.manifest
 
     @property
     def index(self) -> VectorIndex:
+        """The FAISS index of the version this index reads."""
         return self._version.index
 
     @property
     def meta(self) -> MetadataStore:
+        """The metadata store of the version this index reads."""
         return self._version.meta
 
     # ---- facts ----------------------------------------------------------------------------------
@@ -125,10 +130,12 @@ class SearchIndex:
 
     @property
     def fingerprint(self) -> str:
+        """The fingerprint of the model that built the index; query models must match it."""
         return self.manifest.model["fingerprint"]
 
     @property
     def dim(self) -> int:
+        """Dimension of the stored vectors (the model's embed_dim)."""
         return int(self.manifest.model["embed_dim"])
 
     # ---- queries --------------------------------------------------------------------------------
@@ -201,6 +208,7 @@ class SearchIndex:
         return self.meta.get(int(item_id))
 
     def get_many(self, ids: Sequence[int]) -> list[Item | None]:
+        """Items in the order of `ids` (None for ids that are not in the index, e.g. FAISS's -1)."""
         return self.meta.get_many(ids)
 
     def ids_for_path(self, path: str | Path) -> list[int]:
@@ -212,6 +220,7 @@ class SearchIndex:
         return bool(self.ids_for_path(path))
 
     def ids_where(self, where: str) -> np.ndarray:
+        """Ids matching the SQL condition `where`, ascending; ValueError for a bad or unsafe filter."""
         return self.meta.ids_where(where)
 
     # ---- model ----------------------------------------------------------------------------------
@@ -248,6 +257,7 @@ class SearchIndex:
             )
 
     def close(self) -> None:
+        """Closes the metadata connection."""
         self.meta.close()
 
 

@@ -50,6 +50,8 @@ IMAGE_TYPES = {
 
 @dataclass(frozen=True)
 class ServiceConfig:
+    """Limits and settings of the HTTP service: request sizes, micro-batching, which files may be served."""
+
     max_k: int = 200
     max_text_chars: int = 500
     max_where_chars: int = 500
@@ -82,11 +84,15 @@ class MicroBatcher:
         self._thread.start()
 
     def submit(self, text: str) -> Future:
+        """Queues one input (a text, or an image for the image batcher); the future resolves to its
+        embedding (E,) or to the error the embedding raised."""
         future: Future = Future()
         self._queue.put((text, future))
         return future
 
     def embed(self, text: str, timeout: float = 60.0) -> np.ndarray:
+        """The embedding (E,) of one input, batched with concurrent requests; waits at most `timeout`
+        seconds, then raises TimeoutError."""
         return self.submit(text).result(timeout=timeout)
 
     def _collect(self) -> list[tuple[str, Future]]:
@@ -123,6 +129,8 @@ class FileGuard:
         self.roots = [Path(os.path.realpath(r)) for r in (roots or _common_roots(index))]
 
     def check(self, path: str) -> Path | None:
+        """The real path of `path` if it is an indexed image that resolves (symlinks followed) inside a root
+        and exists; else None (refusals outside the roots are logged)."""
         if not self.index.contains_path(path):
             return None
         real = Path(os.path.realpath(path))
@@ -388,6 +396,8 @@ def _thumbnail(path: str, mtime_ns: int, size: int) -> bytes | None:
 
 
 def serve_main(argv: list[str]) -> int:
+    """`vlm serve`: serves the index's web page and JSON API with uvicorn until interrupted; returns 0.
+    Imports uvicorn when called."""
     parser = argparse.ArgumentParser(prog="vlm serve", description="Serve a search index over HTTP with a web page.")
     parser.add_argument("index", help="index directory written by `vlm index build`")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -70,6 +70,7 @@ class Collection:
         return h.hexdigest()[:16]
 
     def texts(self) -> list[str]:
+        """The captions, None as ""; ValueError when the collection has none."""
         if self.captions is None:
             raise ValueError(f"{self.description} has no captions; give a table with a caption column")
         return [c or "" for c in self.captions]
@@ -90,6 +91,7 @@ class Collection:
         return list(first.values())
 
     def subset(self, positions: Sequence[int]) -> "Collection":
+        """A new collection of the items at `positions`, in that order (images stay lazily loaded)."""
         pick = lambda values: [values[i] for i in positions]  # noqa: E731
         return Collection(
             keys=pick(self.keys),

@@ -68,13 +68,17 @@ class Manifest:
 
     @property
     def directory_name(self) -> str:
+        """The folder of this version, e.g. ``v000007``."""
         return f"v{self.version:06d}"
 
     def to_json(self) -> str:
+        """The manifest as the indented, key-sorted JSON of manifest.json."""
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: Path) -> "Manifest":
+        """The manifest in `text` (read from `source`); IndexCorruptError naming `source` when it is not a
+        manifest, ValueError when a newer vlm wrote it."""
         try:
             data = json.loads(text)
             if data.get("format_version", 0) > FORMAT_VERSION:
@@ -96,12 +100,16 @@ class IndexDirectory:
 
     @property
     def manifest_path(self) -> Path:
+        """``DIR/manifest.json``."""
         return self.path / MANIFEST_FILE
 
     def exists(self) -> bool:
+        """Whether the directory holds an index (has a manifest)."""
         return self.manifest_path.is_file()
 
     def read_manifest(self) -> Manifest:
+        """The current manifest; FileNotFoundError telling how to build an index when there is none,
+        IndexCorruptError when it is unreadable."""
         if not self.exists():
             hint = (
                 "it is not a directory" if self.path.exists() and not self.path.is_dir() else "it has no manifest.json"
@@ -112,9 +120,11 @@ class IndexDirectory:
         return Manifest.from_json(self.manifest_path.read_text(), self.manifest_path)
 
     def version_path(self, manifest: Manifest) -> Path:
+        """The folder of the version `manifest` names, e.g. ``DIR/v000007``."""
         return self.path / manifest.directory_name
 
     def jobs_path(self) -> Path:
+        """``DIR/.jobs``, where resumable embedding jobs keep their shards."""
         return self.path / ".jobs"
 
     # ---- integrity ------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ __all__ = ["SyntheticCollection", "clustered_vectors"]
 
 @dataclass
 class SyntheticCollection:
+    """Database vectors, shifted queries and the cluster each was drawn from (see the module docstring)."""
+
     xb: np.ndarray  # (n, d) float32, L2-normalised database vectors
     xq: np.ndarray  # (nq, d) float32, L2-normalised queries from the shifted "text" distribution
     labels: np.ndarray  # (n,) int64 cluster of each database vector

@@ -41,6 +41,7 @@ class TuningReport:
     trials: list[dict] = field(default_factory=list)  # every setting measured: knobs and recall
 
     def to_dict(self) -> dict:
+        """JSON-ready fields, as the manifest records them."""
         return {**asdict(self), "params": self.params.to_dict()}
 
 
@@ -51,6 +52,8 @@ def recall_vs_exact(I: np.ndarray, I_true: np.ndarray) -> float:
 
 
 def recall_per_query(I: np.ndarray, I_true: np.ndarray) -> np.ndarray:
+    """|approximate top-k ∩ exact top-k| / |exact top-k| for each row of I (nq, k) against I_true
+    (nq, k), -1 entries ignored; 1.0 for a query with no exact results."""
     out = np.ones(len(I))
     for i, (approx, exact) in enumerate(zip(I, I_true)):
         exact = exact[exact >= 0]

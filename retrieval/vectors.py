@@ -24,11 +24,15 @@ CHUNK = 65536  # rows per step when streaming: 128 MiB at d=512
 
 @dataclass
 class VectorStore:
+    """Vectors xb (n, d) float32 and their ids (n,) int64, ascending; memory-mapped when opened from disk."""
+
     ids: np.ndarray  # (n,) int64, strictly increasing
     xb: np.ndarray  # (n, d) float32, row i belongs to ids[i]
 
     @classmethod
     def open(cls, directory: str | Path, *, mmap: bool = True) -> "VectorStore":
+        """The store in `directory` (memory-mapped unless `mmap=False`); ValueError telling to rebuild the
+        index when the files are unreadable or do not match."""
         directory = Path(directory)
         mode = "r" if mmap else None
         try:
@@ -50,6 +54,7 @@ class VectorStore:
 
     @property
     def dim(self) -> int:
+        """Dimension d of the vectors."""
         return self.xb.shape[1]
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
@@ -132,6 +137,7 @@ def merge_sorted(
 
 
 def count_after(store: VectorStore, remove: np.ndarray, add_ids: np.ndarray) -> int:
+    """How many vectors `store` holds after removing `remove` and adding (or replacing) `add_ids`."""
     drop = np.union1d(np.asarray(remove, np.int64), np.asarray(add_ids, np.int64))
     stored_dropped = int((store.rows(drop) >= 0).sum()) if len(drop) else 0
     return len(store) - stored_dropped + len(np.unique(add_ids))

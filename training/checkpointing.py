@@ -48,16 +48,19 @@ class TrainerState:
     nonfinite_streak: int = 0
 
     def to_json(self) -> str:
+        """The state as the indented JSON of ``trainer_state.json``."""
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "TrainerState":
+        """The state `to_json` wrote."""
         data = json.loads(text)
         data["positions"] = [Position(**p) for p in data["positions"]]
         return cls(**data)
 
 
 def checkpoint_root(run_dir: Path) -> Path:
+    """The folder holding a run's checkpoints: ``run_dir/checkpoints``."""
     return Path(run_dir) / "checkpoints"
 
 
@@ -71,6 +74,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of the run, or None when there is none."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

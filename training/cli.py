@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str]) -> int:
+    """`vlm train`: trains per the config and overrides, prints the steps, time, final loss and metrics
+    (main process only) and the saved model's folder. `--print-config` prints the resolved config and
+    stops. Returns 0, or 1 when the loss stayed non-finite."""
     args = _parser().parse_args(argv)
     from .config import config_to_dict, load_config
 

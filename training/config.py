@@ -182,6 +182,8 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """Checkpoints every `every` steps (0: none), the newest `keep` kept, and which one a run resumes from."""
+
     every: int = 500
     keep: int = 2
     # "auto": continue from the latest checkpoint in the run directory if there is one; "never":
@@ -223,6 +225,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
+    """What the run reports: progress bar, metrics.jsonl rows, TensorBoard, the curves.png plot."""
+
     progress: bool = True
     # Steps between rows of metrics.jsonl (and TensorBoard points).
     every: int = 1

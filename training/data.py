@@ -77,6 +77,7 @@ class PairBatch:
         return len(self.images)
 
     def pin_memory(self) -> "PairBatch":
+        """Pins both tensors in place for faster copies to the GPU (the DataLoader calls it); returns self."""
         self.images, self.texts = self.images.pin_memory(), self.texts.pin_memory()
         return self
 

@@ -22,10 +22,12 @@ def _active() -> bool:
 
 
 def world_size() -> int:
+    """Processes in the initialised process group; 1 without one."""
     return dist.get_world_size() if _active() else 1
 
 
 def rank() -> int:
+    """This process's rank in the initialised process group; 0 without one."""
     return dist.get_rank() if _active() else 0
 
 

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ZeroShotSet:
+    """A labelled image set for zero-shot top-k accuracy, with the class names and prompt templates."""
+
     images: list[Any]
     labels: Tensor  # (N,) class indices
     classnames: tuple[str, ...]
@@ -39,12 +41,16 @@ class ZeroShotSet:
 
 @dataclass
 class RetrievalSet:
+    """Image-caption pairs for image-to-text and text-to-image recall@k."""
+
     images: list[Any]
     captions: list[str]  # one per image
 
 
 @dataclass
 class EvalSets:
+    """The evaluation sets a run was given; false when it has none."""
+
     zeroshot: ZeroShotSet | None = None
     retrieval: RetrievalSet | None = None
 
@@ -111,6 +117,8 @@ def text_classifier(model: CLIP, classnames: Sequence[str], templates: Sequence[
 def zeroshot_metrics(
     model: CLIP, data: ZeroShotSet, *, batch_size: int = 256, num_workers: int = 0
 ) -> dict[str, float]:
+    """Zero-shot top-1 (and top-5 with at least 5 classes) accuracy of `model` on `data`, as fractions
+    in [0, 1] keyed ``zeroshot_top1``/``zeroshot_top5``; unreadable images are left out."""
     classifier = text_classifier(model, data.classnames, data.templates)
     emb = embed_images(model, data.images, batch_size=batch_size, num_workers=num_workers, progress=False)
     scores = emb.embeddings @ classifier.T  # (N_ok, C)

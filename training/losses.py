@@ -39,9 +39,11 @@ class GlobalBatch:
 
     @property
     def total(self) -> int:
+        """Rows gathered from all processes (N)."""
         return len(self.image_embeds)
 
     def local(self, x: Tensor) -> Tensor:
+        """This process's rows of `x` (N, ...) -> (count, ...)."""
         return x[self.offset : self.offset + self.count]
 
 

@@ -47,6 +47,8 @@ class MetricsLog:
             self.writer = _tensorboard_writer(Path(run_dir) / "tensorboard")
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        """Appends the row ``{"step": step, **values}`` to metrics.jsonl (numeric values to TensorBoard too);
+        a no-op when disabled."""
         if not self.enabled:
             return
         row = {"step": step, **values}
@@ -58,6 +60,7 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
+        """Flushes and closes the TensorBoard writer, if any."""
         if self.writer is not None:
             self.writer.close()
 

@@ -34,6 +34,7 @@ def param_groups(model: CLIP, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: CLIP, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, config.weight_decay)`; ValueError when no parameter is trainable."""
     groups = param_groups(model, config.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters; unlock a tower (model.lock_image=false)")
@@ -51,6 +52,7 @@ def lr_at(step: int, config: ScheduleConfig) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler that multiplies the base learning rate by `lr_at(step)`; step it once per optimiser step."""
     # A partial, not a callable object: LambdaLR would store an object's attributes (the config) in
     # its state dict, which checkpoints load with torch.load(weights_only=True).
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_at, config=config))

@@ -65,6 +65,7 @@ class MapSource(abc.ABC):
     def __getitem__(self, index: int) -> Record: ...
 
     def records(self, limit: int = 0) -> list[Record]:
+        """The first `limit` records (all of them when `limit` <= 0), undecoded."""
         n = len(self) if limit <= 0 else min(limit, len(self))
         return [self[i] for i in range(n)]
 
@@ -89,6 +90,8 @@ def _pick_column(explicit: str | None, candidates: tuple[str, ...], available: l
 
 @dataclass(frozen=True)
 class Columns:
+    """The table columns of the image, the caption (None when not needed) and the label (None unless asked for)."""
+
     image: str
     text: str | None
     label: str | None

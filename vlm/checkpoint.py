@@ -90,6 +90,11 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def read_config(directory: str | Path) -> CLIPConfig:
+    """The `CLIPConfig` in `directory/config.json`, without loading weights.
+
+    Raises FileNotFoundError without the file, ValueError when it is not a vlm config or a newer vlm
+    wrote it.
+    """
     path = Path(directory) / CONFIG_NAME
     data = json.loads(path.read_text())
     if data.get("model_type") != MODEL_TYPE:

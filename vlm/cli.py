@@ -80,6 +80,7 @@ def _usage() -> str:
 
 
 def eval_main(argv: list[str]) -> int:
+    """`vlm eval {zeroshot,classify} ...`: hands the rest of `argv` to the sub-verb; 2 on a bad sub-verb."""
     if not argv or argv[0] not in EVAL_VERBS:
         print(f"usage: vlm eval {{{','.join(EVAL_VERBS)}}} DATA [options]", file=sys.stderr)
         return 2
@@ -103,6 +104,7 @@ def load_model_from_args(args: argparse.Namespace):
 
 
 def embed_main(argv: list[str]) -> int:
+    """`vlm embed IMAGES --text T ...`: prints the cosine similarity of each image to each text."""
     parser = argparse.ArgumentParser(prog="vlm embed", description="Embed images and texts; print cosine similarities.")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--text", action="append", default=[], help="a text to compare against (repeatable)")
@@ -134,6 +136,7 @@ def format_similarity_table(rows: list[str], columns: list[str], values: list[li
 
 
 def info_main(argv: list[str]) -> int:
+    """`vlm info [MODEL]`: prints the model's config, its parameter counts per tower and its fingerprint."""
     parser = argparse.ArgumentParser(prog="vlm info", description="Describe a model.")
     parser.add_argument("model", nargs="?", default=None)
     parser.add_argument("--pretrained", default=None)
@@ -147,6 +150,7 @@ def info_main(argv: list[str]) -> int:
 
 
 def presets_main(argv: list[str]) -> int:
+    """`vlm presets`: one line per preset (image size/patch, widths, depths, context, embedding size)."""
     from .config import PRESETS
 
     argparse.ArgumentParser(prog="vlm presets", description="List the model presets.").parse_args(argv)

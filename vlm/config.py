@@ -94,14 +94,17 @@ class VisionConfig:
 
     @property
     def grid_size(self) -> int:
+        """Patches per side of an `image_size` image."""
         return self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens per image (grid_size ** 2), not counting the class token."""
         return self.grid_size**2
 
     @property
     def mlp_width(self) -> int:
+        """Hidden channels of each block's MLP: width * mlp_ratio."""
         return int(self.width * self.mlp_ratio)
 
 
@@ -132,6 +135,7 @@ class TextConfig:
 
     @property
     def mlp_width(self) -> int:
+        """Hidden channels of each block's MLP: width * mlp_ratio."""
         return int(self.width * self.mlp_ratio)
 
 
@@ -174,10 +178,16 @@ class CLIPConfig:
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts of every field, as `from_dict` reads them."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CLIPConfig":
+        """The config `to_dict` wrote (a `format_version` key is ignored).
+
+        Unknown keys at either level raise ValueError listing the known ones; bad values raise as the
+        constructors do.
+        """
         data = dict(data)
         data.pop("format_version", None)
         _reject_unknown(cls, data, "CLIPConfig")
@@ -188,10 +198,12 @@ class CLIPConfig:
         return cls(**data)
 
     def to_json(self) -> str:
+        """`to_dict` as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPConfig":
+        """The config in a JSON file `to_json` wrote; ValueError if the file is not valid JSON."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -260,10 +272,12 @@ PRESETS: dict[str, CLIPConfig] = {
 
 
 def list_presets() -> list[str]:
+    """The names `get_preset` and `create_model` accept, in table order."""
     return list(PRESETS)
 
 
 def get_preset(name: str) -> CLIPConfig:
+    """The preset's config; ValueError listing the known names for an unknown one."""
     try:
         return PRESETS[name]
     except KeyError:

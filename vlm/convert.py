@@ -167,6 +167,7 @@ def open_clip_state_dict_to_vlm(state: Mapping[str, Tensor], config: CLIPConfig)
 
 
 def vlm_state_dict_to_open_clip(state: Mapping[str, Tensor], config: CLIPConfig) -> dict[str, Tensor]:
+    """A vlm state dict -> open_clip `CLIP` keys, the inverse of `open_clip_state_dict_to_vlm`."""
     return _from_vlm(_open_clip_table(config, "logit_bias" in state), state)
 
 
@@ -178,6 +179,7 @@ def hf_state_dict_to_vlm(state: Mapping[str, Tensor], config: CLIPConfig) -> dic
 
 
 def vlm_state_dict_to_hf(state: Mapping[str, Tensor], config: CLIPConfig) -> dict[str, Tensor]:
+    """A vlm state dict -> transformers `CLIPModel` keys, the inverse of `hf_state_dict_to_vlm`."""
     return _from_vlm(_hf_table(config), state)
 
 
@@ -464,6 +466,8 @@ def _load_hf(name: str | Path, local_files_only: bool | None) -> tuple[Any, dict
 
 
 def hf_config_from_vlm(config: CLIPConfig) -> Any:
+    """A transformers `CLIPConfig` of the same architecture, for `CLIPModel(...)` to load
+    `vlm_state_dict_to_hf` weights into. Imports transformers when called."""
     from transformers import CLIPConfig as HFCLIPConfig
 
     v, t = config.vision, config.text

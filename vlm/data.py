@@ -61,6 +61,7 @@ class FailureLog:
     failures: list[Failure] = field(default_factory=list)
 
     def add(self, failures: Sequence[Failure]) -> None:
+        """Records `failures`, logging a warning for each while fewer than `show` have been seen."""
         for failure in failures:
             if len(self.failures) < self.show:
                 logger.warning("skipped %s: %s", failure.source, failure.reason)
@@ -68,9 +69,11 @@ class FailureLog:
 
     @property
     def count(self) -> int:
+        """Failures recorded so far (all of them, not only those logged)."""
         return len(self.failures)
 
     def summary(self, total: int) -> str:
+        """One line for the user: how many of `total` items were skipped, or that all were read."""
         return f"{self.count} of {total} items skipped (unreadable)" if self.count else f"all {total} items read"
 
 

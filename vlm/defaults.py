@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def vlm_home() -> Path:
+    """Where vlm keeps per-user state (the default-model record): $VLM_HOME, else ~/.cache/vlm."""
     return Path(os.environ.get("VLM_HOME") or Path.home() / ".cache" / "vlm")
 
 
@@ -61,5 +62,6 @@ def resolve_model(name: str | None) -> str:
 
 
 def default_model_help() -> str:
+    """The default model for `--help` texts, or a note that none is set."""
     default = get_default_model()
     return f"default: {default}" if default else "no default set yet"

@@ -35,6 +35,7 @@ class CLIPOutput:
 
     @property
     def logits_per_text(self) -> Tensor:
+        """(T, B): `logits_per_image` transposed, one row per text."""
         return self.logits_per_image.T
 
 
@@ -74,6 +75,8 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: Tensor, text: Tensor) -> CLIPOutput:
+        """Images (B, 3, H, W) and token ids (T, L) -> both L2-normalised embeddings (B, E), (T, E) and
+        the exponentiated logit scale (and bias); `.logits_per_image` scores every pair."""
         return CLIPOutput(
             image_embeds=self.encode_image(images, normalize=True),
             text_embeds=self.encode_text(text, normalize=True),
@@ -83,6 +86,8 @@ class CLIP(nn.Module):
 
     # ---- switches ------------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (both towers):
+        less memory for one extra forward pass per step; outputs and gradients are unchanged."""
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
 
@@ -130,6 +135,8 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs) -> "CLIP":
+        """A model saved with `save_pretrained`, bit-exactly; `kwargs` (`device`, `dtype`) go to
+        `vlm.checkpoint.load_pretrained`."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(directory, **kwargs)

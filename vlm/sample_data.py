@@ -45,6 +45,7 @@ EVAL_TEMPLATES = (
 
 
 def digit_caption(label: int, template: str) -> str:
+    """`template` filled with the digit (``{digit}``: "7") and its name (``{name}``: "seven")."""
     return template.format(digit=label, name=DIGIT_NAMES[label])
 
 
@@ -60,6 +61,7 @@ class DigitsSplit:
 
 @dataclass(frozen=True)
 class DigitsData:
+    """The written digits: both splits under `root` (class folders and CSV tables) and the class names."""
     root: Path
     train: DigitsSplit
     test: DigitsSplit

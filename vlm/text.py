@@ -67,6 +67,7 @@ class TextTower(nn.Module):
         return self.token_embed(text) + self.pos_embed[:n]
 
     def forward_features(self, text: Tensor) -> Tensor:
+        """Token ids (B, L) -> normalised tokens (B, L', C), L' = the batch's last end-of-text position + 1."""
         return self.norm(self.transformer(self.embed(text), is_causal=True))
 
     def pool(self, tokens: Tensor, text: Tensor) -> Tensor:
@@ -74,10 +75,13 @@ class TextTower(nn.Module):
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), text.argmax(dim=-1)]
 
     def project(self, pooled: Tensor) -> Tensor:
+        """Pooled features (B, C) -> embeddings (B, embed_dim), not normalised."""
         return self.proj(pooled)
 
     def forward(self, text: Tensor) -> Tensor:
+        """Token ids (B, L) -> embeddings (B, embed_dim), not normalised."""
         return self.project(self.pool(self.forward_features(text), text))
 
     def no_weight_decay(self) -> set[str]:
+        """Names of the embedding tables, which are excluded from weight decay."""
         return {"pos_embed", "token_embed.weight"}

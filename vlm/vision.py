@@ -57,6 +57,7 @@ class VisionTower(nn.Module):
         return self.norm_pre(x)
 
     def forward_features(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> normalised tokens (B, 1 + N, C), class token first."""
         return self.norm(self.transformer(self.embed(images)))
 
     def forward_with_attention(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -65,13 +66,17 @@ class VisionTower(nn.Module):
         return self.norm(x), weights
 
     def pool(self, tokens: Tensor) -> Tensor:
+        """The class token: (B, 1 + N, C) -> (B, C)."""
         return tokens[:, 0]
 
     def project(self, pooled: Tensor) -> Tensor:
+        """Pooled features (B, C) -> embeddings (B, embed_dim), not normalised."""
         return self.proj(pooled)
 
     def forward(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> embeddings (B, embed_dim), not normalised."""
         return self.project(self.pool(self.forward_features(images)))
 
     def no_weight_decay(self) -> set[str]:
+        """Names of the class token and position embeddings, which are excluded from weight decay."""
         return {"class_token", "pos_embed"}

@@ -91,6 +91,7 @@ class ClassPrompts:
         return tuple(fill_template(t, name) for name in self.aliases or (self.name,) for t in templates)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, as a saved classifier stores each class."""
         return {"name": self.name, "aliases": list(self.aliases), "prompts": list(self.prompts)}
 
 
@@ -205,6 +206,7 @@ class ZeroShotClassifier:
 
     @property
     def class_names(self) -> tuple[str, ...]:
+        """The class names, in the order of the rows of `weights`."""
         return tuple(c.name for c in self.classes)
 
     @property

@@ -42,6 +42,7 @@ class Block(nn.Module):
         self.mlp = mlp_layer(width, int(width * mlp_ratio), act_layer=act_layer, **dd)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """(B, N, C) -> (B, N, C); `attn_mask` and `is_causal` go to the attention unchanged."""
         x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
         return x + self.mlp(self.norm2(x))
 

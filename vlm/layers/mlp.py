@@ -12,6 +12,7 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """Elementwise; any shape in, the same shape out."""
         return x * torch.sigmoid(1.702 * x)
 
 
@@ -19,6 +20,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": Quick
 
 
 def get_act_layer(name: str) -> type[nn.Module]:
+    """The activation class for a config's `activation` name; ValueError naming the choices otherwise."""
     try:
         return _ACTIVATIONS[name]
     except KeyError:
@@ -43,4 +45,5 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_width, width, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(..., width) -> (..., width), through `hidden_width` channels."""
         return self.fc2(self.act(self.fc1(x)))

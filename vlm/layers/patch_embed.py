@@ -38,5 +38,10 @@ class PatchEmbed(nn.Module):
         return H // self.patch_size, W // self.patch_size
 
     def forward(self, images: Tensor) -> Tensor:
+        """Images (B, in_chans, H, W) -> patch tokens (B, N, C), N = (H // p) * (W // p).
+
+        Pixels beyond the last whole patch are dropped; ValueError for a non-4D batch or an image smaller
+        than one patch.
+        """
         self.grid(images)
         return self.proj(images).flatten(2).transpose(1, 2)  # (B, N, C)

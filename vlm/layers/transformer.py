@@ -58,6 +58,8 @@ class Transformer(nn.Module):
         return x, weights
 
     def set_fused_attention(self, enable: bool = True) -> None:
+        """True: every attention uses `scaled_dot_product_attention`; False: the explicit-softmax reference
+        path. Mutates the modules in place."""
         for module in self.modules():
             if hasattr(module, "fused"):
                 module.fused = enable
