@@ -105,8 +105,11 @@ def test_full_finetune_trains_and_leaves_the_model_alone(model, train_images):
 def test_resume_is_exact(model, train_images, tmp_path, monkeypatch):
     import training.finetune as ft
 
-    # EMA and mixup on: their state (the EMA weights, the mixup draws) must survive the resume too.
-    config = FinetuneConfig(mode="full", epochs=3, lr=1e-3, batch_size=8, warmup_steps=2, ema_decay=0.9, mixup_alpha=0.2)
+    # EMA, augmentation, mixup and cutmix on: their state (the EMA weights, the draws) must survive too.
+    config = FinetuneConfig(
+        mode="full", epochs=3, lr=1e-3, batch_size=8, warmup_steps=2, ema_decay=0.9, mixup_alpha=0.2, cutmix_alpha=1.0,
+        augment=True,
+    )  # fmt: skip
     reference = finetune(model, train_images, config)
 
     save = ft._save_epoch
@@ -224,3 +227,77 @@ def test_cli_finetune_and_eval_classify_end_to_end(model, colours, tmp_path, cap
 
     assert main(["finetune", str(colours / "train"), "--model", str(model_dir), "--output", str(out)]) == 1
     assert "--eval" in capsys.readouterr().err
+
+
+def test_augmentation_identity_and_change(train_images):
+    from training.finetune import augment_images, augment_params
+
+    images = train_images.images[:4]
+    identity = torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 4)
+    torch.testing.assert_close(augment_images(images, identity), images, atol=1e-5, rtol=0)
+    params = augment_params(4, seed=0, step=3)
+    assert torch.equal(params, augment_params(4, seed=0, step=3))  # resumable: drawn from (seed, step)
+    assert not torch.equal(params, augment_params(4, seed=0, step=4))
+    moved = augment_images(images, params)
+    assert moved.shape == images.shape and not torch.allclose(moved, images)
+    # Pixels from outside repeat the edge (the background): a moved uniform image stays uniform.
+    flat = torch.full((1, 3, 32, 32), 0.7)
+    torch.testing.assert_close(augment_images(flat, torch.tensor([[10.0, 0.9, 0.05, -0.05]])), flat)
+
+
+def test_cutmix_pastes_the_area_it_reports():
+    import numpy as np
+
+    from training.finetune import _cutmix
+
+    images = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        mixed, lam = _cutmix(images, float(rng.beta(1.0, 1.0)), rng)
+        # Image 0 received a box from image 1 (its mirror): the ones it holds are the pasted area.
+        assert abs(float(mixed[0].mean()) - (1 - lam)) < 1e-6
+
+
+def test_cli_reads_tables_and_hf_datasets(model, colours, tmp_path, capsys):
+    import datasets
+
+    from vlm.evaluation import labelled_hf_dataset, labelled_table, open_labelled
+
+    names = sorted(COLOURS)
+    for split in ("train", "test"):
+        rows = [(p.relative_to(colours), names.index(p.parent.name)) for p in sorted((colours / split).rglob("*.png"))]
+        (colours / f"{split}.csv").write_text("image,label\n" + "".join(f"{p},{y}\n" for p, y in rows))
+    table = labelled_table(colours / "test.csv", class_names=names)
+    folder = labelled_folder(colours / "test")
+    assert table.class_names == folder.class_names and sorted(table.labels) == sorted(folder.labels)
+    assert labelled_table(colours / "test.csv").class_names == ("0", "1", "2")  # unnamed integer labels
+    with pytest.raises(ValueError, match="--class-names"):
+        labelled_table(colours / "test.csv", class_names=["only", "two"])
+    with pytest.raises(ValueError, match="'caption'"):
+        labelled_table(colours / "test.csv", label_column="caption")
+
+    model_dir = model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    common = ["--model", str(model_dir), "--mode", "full", "--epochs", "1", "--batch-size", "8", "--augment",
+              "--cutmix-alpha", "1.0", "--sweep", "0,1", "--no-progress"]  # fmt: skip
+    argv = ["finetune", str(colours / "train.csv"), "--eval", str(colours / "test.csv"), "--class-names", ",".join(names)]
+    assert main([*argv, *common, "--output", str(out)]) == 0
+    assert "1 unreadable image(s) skipped" in capsys.readouterr().out  # the broken file listed in the table
+    assert ImageClassifier.from_pretrained(out).class_names == tuple(names)
+    assert main(["eval", "classify", str(colours / "test.csv"), "--model", str(out), "--no-progress"]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+    # A Hugging Face dataset saved to disk, with a ClassLabel column: train and test splits.
+    def split(name):
+        data = open_labelled(colours / name)
+        rows = {"image": [str(p) for p in data.images.sources], "label": list(data.labels)}
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    good = [p for p in (colours / "test").rglob("*.png") if p.name != "broken.png"]
+    assert good
+    hf_dir = tmp_path / "hf"
+    datasets.DatasetDict({"train": split("train"), "test": split("train")}).save_to_disk(str(hf_dir))
+    assert labelled_hf_dataset(datasets.load_from_disk(str(hf_dir))["test"]).class_names == tuple(names)
+    assert main(["finetune", f"hf:{hf_dir}", *common, "--output", str(tmp_path / "hf-run")]) == 0
+    assert (tmp_path / "hf-run" / "metrics.json").is_file()

@@ -41,6 +41,8 @@ from vlm.model import CLIP
 from vlm.transforms import image_transform
 from vlm.vision import VisionTower
 
+from .config import PRECISIONS
+
 __all__ = [
     "MODES",
     "HEAD_INITS",
@@ -57,6 +59,8 @@ __all__ = [
     "wise_ft",
     "wise_ft_sweep",
     "shift_images",
+    "augment_params",
+    "augment_images",
     "evaluate_classifier",
     "predict_logits",
     "save_sweep_png",
@@ -90,6 +94,9 @@ class FinetuneConfig:
     unlocked_blocks: int | None = None  # None: every block trains; N: only the last N
     ema_decay: float = 0.0  # 0: no weight EMA; e.g. 0.999 keeps an EMA of the weights and returns it
     mixup_alpha: float = 0.0  # 0: no mixup; > 0: mix image pairs with a Beta(alpha, alpha) coefficient
+    cutmix_alpha: float = 0.0  # 0: no cutmix; > 0: paste boxes of Beta(alpha, alpha)-drawn area (with mixup: either, per step)
+    augment: bool = False  # random rotation, scale and shift of every training image (see augment_params)
+    mixed_precision: str = "auto"  # "auto": bf16/fp16 on GPU, fp32 on CPU; or "no", "bf16", "fp16"
     probe_steps: int = 300
     probe_lr: float = 1e-2
     probe_weight_decay: float = 0.0
@@ -116,6 +123,10 @@ class FinetuneConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = off, 0.999 is usual), got {self.ema_decay!r}")
         if self.mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0 (0 = off, 0.2 is usual), got {self.mixup_alpha!r}")
+        if self.cutmix_alpha < 0:
+            raise ValueError(f"cutmix_alpha must be >= 0 (0 = off, 1.0 is usual), got {self.cutmix_alpha!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {PRECISIONS}; pick one of them")
         if self.unlocked_blocks is not None and self.unlocked_blocks < 0:
             raise ValueError(f"unlocked_blocks must be >= 0 or None (all blocks), got {self.unlocked_blocks!r}")
 
@@ -143,12 +154,15 @@ class ImageClassifier(nn.Module):
         return classifier
 
     def features(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> L2-normalised image embeddings (B, E)."""
         return F.normalize(self.visual(images), dim=-1)
 
     def forward(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> class logits (B, C) (softmax them for probabilities)."""
         return self.head(self.features(images))
 
     def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (class token, position embeddings)."""
         return {f"visual.{n}" for n in self.visual.no_weight_decay()}
 
     def into_clip(self, model: CLIP) -> CLIP:
@@ -157,25 +171,30 @@ class ImageClassifier(nn.Module):
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Writes the weights (safetensors, atomically) and the class names, resolution and CLIP config
+        (JSON) to `directory`; returns it."""
         from safetensors.torch import save_file
+
+        from vlm.checkpoint import atomic_path
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = directory / f".tmp-{WEIGHTS_FILE}"
-        save_file(state, str(tmp))
-        os.replace(tmp, directory / WEIGHTS_FILE)
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
         meta = {
             "type": ARTIFACT_TYPE,
             "class_names": list(self.class_names),
             "image_size": self.image_size,
             "clip_config": self.clip_config.to_dict(),
         }
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        with atomic_path(directory / META_FILE) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2))
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ImageClassifier":
+        """The classifier `save_pretrained` wrote to `directory`, in eval mode."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -284,6 +303,7 @@ def shift_images(images: Tensor, *, seed: int = 0) -> Tensor:
 # ---- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def predict_logits(classifier: ImageClassifier, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Class logits (N, C) of images (N, 3, H, W), in batches, in eval mode (the mode is restored)."""
     was_training = classifier.training
     classifier.eval()
     out = torch.cat([classifier(images[s : s + batch_size]) for s in range(0, len(images), batch_size)])
@@ -364,7 +384,7 @@ def _freeze_blocks(classifier: ImageClassifier, unlocked_blocks: int | None) -> 
 # ---- fine-tuning ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FinetuneResult:
-    """The fine-tuned classifier and its training-loss history (one value per optimiser step)."""
+    """The fine-tuned classifier and its training-loss history (one global-batch value per optimiser step)."""
 
     classifier: ImageClassifier
     losses: list[float]
@@ -389,118 +409,235 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tunes a copy of `model`'s image tower on `train` as `config.mode` says; `model` is not changed.
 
-    With `checkpoint_dir`, the tower's training is checkpointed after every epoch and a rerun with the
-    same arguments resumes from the last one, to the same weights an uninterrupted run reaches."""
+    The tower trains through accelerate: under `accelerate launch` (or torchrun) every process takes its
+    share of each global batch of `config.batch_size` images and the gradients are those of the whole
+    batch. With `checkpoint_dir`, training is checkpointed after every epoch, and a rerun with the same
+    arguments resumes from the last one to the same weights an uninterrupted run reaches.
+    """
     torch.manual_seed(config.seed)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if config.mode == "flyp":
-        return _finetune_flyp(model, train, config, templates)
+        return _finetune_flyp(model, train, config, templates, checkpoint_dir)
     classifier = ImageClassifier.from_clip(model, train.class_names)
     _init_head(classifier, model, train, config, templates)
     if config.mode == "linear-probe":
         return FinetuneResult(classifier.eval(), [])
     _freeze_blocks(classifier, config.unlocked_blocks)
-    losses = _train_tower(classifier, train, config, Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    groups = layer_decay_groups(classifier, config.lr, config.layer_decay, config.weight_decay)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
+    losses = _train(classifier, optimizer, train, config, _classifier_step(train, config), checkpoint_dir)
     return FinetuneResult(classifier.eval(), losses)
 
 
-def _train_tower(
-    classifier: ImageClassifier, train: LoadedImages, config: FinetuneConfig, checkpoint_dir: Path | None = None
-) -> list[float]:
-    from training.config import ScheduleConfig
-    from training.optim import build_scheduler
-
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    steps = config.epochs * steps_per_epoch
-    groups = layer_decay_groups(classifier, config.lr, config.layer_decay, config.weight_decay)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
-    scheduler = build_scheduler(optimizer, ScheduleConfig(steps=steps, warmup_steps=min(config.warmup_steps, steps - 1)))
-    g = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    ema = {k: v.detach().clone() for k, v in classifier.state_dict().items()} if config.ema_decay else None
-    start = _resume(checkpoint_dir, classifier, optimizer, scheduler, g, losses, ema)
-    classifier.train()
-    bar = _bar(steps, config.progress, initial=start * steps_per_epoch)
-    for epoch in range(start, config.epochs):
-        order = torch.randperm(len(train), generator=g)
-        for s in range(0, len(train), config.batch_size):
-            idx = order[s : s + config.batch_size]
-            loss = _batch_loss(classifier, train.images[idx], train.labels[idx], config, step=len(losses))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-            if ema is not None:
-                _update_ema(ema, classifier, config.ema_decay)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if checkpoint_dir is not None:
-            _save_epoch(checkpoint_dir, epoch + 1, classifier, optimizer, scheduler, g, losses, ema)
-    if bar is not None:
-        bar.close()
-    if ema is not None:
-        classifier.load_state_dict(ema)
-    return losses
-
-
-def _finetune_flyp(model: CLIP, train: LoadedImages, config: FinetuneConfig, templates) -> FinetuneResult:
+def _finetune_flyp(
+    model: CLIP, train: LoadedImages, config: FinetuneConfig, templates, checkpoint_dir: Path | None
+) -> FinetuneResult:
     """FLYP (Goyal et al. 2023): fine-tune both towers of a copy of `model` with its own contrastive loss
     against class-prompt captions, then classify with the zero-shot head the tuned text tower gives."""
     import copy
 
-    from vlm.templates import fill_template, resolve_templates
-    from vlm.tokenizer import get_tokenizer
-
-    from .config import OptimConfig, ScheduleConfig
-    from .losses import contrastive_loss
-    from .optim import build_optimizer, build_scheduler, clamp_logit_scale
+    from .config import OptimConfig
+    from .optim import build_optimizer, clamp_logit_scale
 
     clip = copy.deepcopy(model).train()
     clip.requires_grad_(True)
-    tokenizer, prompts = get_tokenizer(clip), resolve_templates(templates)
-    steps = config.epochs * math.ceil(len(train) / config.batch_size)
     optimizer = build_optimizer(clip, OptimConfig(lr=config.lr, weight_decay=config.weight_decay))
-    scheduler = build_scheduler(optimizer, ScheduleConfig(steps=steps, warmup_steps=min(config.warmup_steps, steps - 1)))
-    kind = "clip" if clip.logit_bias is None else "sigmoid"
-    g = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    for _ in range(config.epochs):
-        order = torch.randperm(len(train), generator=g)
-        for s in range(0, len(train), config.batch_size):
-            idx = order[s : s + config.batch_size]
-            # Templates rotate through the batch so that every wording is trained on.
-            captions = [
-                fill_template(prompts[(len(losses) + j) % len(prompts)], train.class_names[int(y)])
-                for j, y in enumerate(train.labels[idx])
-            ]
-            loss = contrastive_loss(clip(train.images[idx], tokenizer(captions)), kind)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            clamp_logit_scale(clip)
-            losses.append(float(loss.detach()))
+    step = _flyp_step(clip, train, config, templates)
+    losses = _train(clip, optimizer, train, config, step, checkpoint_dir, after_update=clamp_logit_scale)
     clip.eval()
     classifier = ImageClassifier.from_clip(clip, train.class_names)
     classifier.head.load_state_dict(zeroshot_head(clip, train.class_names, templates).state_dict())
     return FinetuneResult(classifier.eval(), losses)
 
 
-def _batch_loss(classifier: ImageClassifier, images: Tensor, labels: Tensor, config: FinetuneConfig, step: int) -> Tensor:
-    """Cross-entropy (with label smoothing), on mixup'd pairs when `mixup_alpha` > 0."""
-    ce = partial(F.cross_entropy, label_smoothing=config.label_smoothing)
-    if not config.mixup_alpha or len(images) < 2:
+# A step function runs forward and backward on this process's rows of one global batch and returns the
+# global batch's loss: step(model, accelerator, batch) -> float.
+@dataclass(frozen=True)
+class _Batch:
+    step: int  # optimiser steps before this one
+    rows: Tensor  # indices into the training images of the whole global batch
+    local: Tensor  # positions in `rows` that this process computes
+
+
+def _classifier_step(train: LoadedImages, config: FinetuneConfig):
+    from .distributed import all_reduce_sums
+
+    def step(model: nn.Module, accelerator, batch: _Batch) -> float:
+        images = _train_images(train, config, batch).to(accelerator.device)
+        labels = train.labels[batch.rows[batch.local]].to(accelerator.device)
+        with accelerator.autocast():
+            summed = _mixed_loss(model, images, labels, config, batch.step)
+        # DistributedDataParallel averages the processes' gradients: scaling each process's sum by
+        # world / global batch makes that average the gradient of the global batch's mean loss.
+        accelerator.backward(summed * (accelerator.num_processes / len(batch.rows)))
+        (total,) = all_reduce_sums([float(summed.detach())], accelerator.device)
+        return total / len(batch.rows)
+
+    return step
+
+
+def _flyp_step(clip: CLIP, train: LoadedImages, config: FinetuneConfig, templates):
+    from vlm.templates import fill_template, resolve_templates
+    from vlm.tokenizer import get_tokenizer
+
+    from .config import LossConfig
+    from .step import loss_and_gradients
+
+    tokenizer, prompts = get_tokenizer(clip), resolve_templates(templates)
+    # The text tower's negatives are the other images' captions in the whole global batch.
+    loss = LossConfig(kind="clip" if clip.logit_bias is None else "siglip")
+
+    def step(model: nn.Module, accelerator, batch: _Batch) -> float:
+        images = _train_images(train, config, batch).to(accelerator.device)
+        # Templates rotate through the batch so that every wording is trained on.
+        captions = [
+            fill_template(prompts[(batch.step + int(j)) % len(prompts)], train.class_names[int(train.labels[batch.rows[j]])])
+            for j in batch.local
+        ]
+        return loss_and_gradients(model, images, tokenizer(captions).to(accelerator.device), loss, accelerator).value
+
+    return step
+
+
+def _train(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: LoadedImages,
+    config: FinetuneConfig,
+    step_fn,
+    checkpoint_dir: Path | None,
+    after_update=None,
+) -> list[float]:
+    """The fine-tuning loop through accelerate; trains `module` in place and returns the loss per step."""
+    from accelerate import Accelerator
+
+    from .config import ScheduleConfig
+    from .loop import resolve_mixed_precision
+    from .optim import build_scheduler
+
+    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    scheduler = build_scheduler(optimizer, ScheduleConfig(steps=steps, warmup_steps=min(config.warmup_steps, steps - 1)))
+    g = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    ema = {k: v.detach().clone() for k, v in module.state_dict().items()} if config.ema_decay else None
+    start = _resume(checkpoint_dir, module, optimizer, scheduler, g, losses, ema)
+    # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision), step_scheduler_with_optimizer=False
+    )
+    model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if config.batch_size < world:
+        raise ValueError(f"batch_size={config.batch_size} is smaller than the {world} processes; use at least {world}")
+    model.train()
+    bar = _bar(steps, config.progress and accelerator.is_main_process, initial=len(losses))
+    for epoch in range(start, config.epochs):
+        order = torch.randperm(len(train), generator=g)
+        for s in range(0, len(train), config.batch_size):
+            rows = order[s : s + config.batch_size]
+            local = torch.arange(rank, len(rows), world)
+            optimizer.zero_grad(set_to_none=True)
+            loss = step_fn(model, accelerator, _Batch(len(losses), rows, local))
+            optimizer.step()
+            scheduler.step()
+            if after_update is not None:
+                after_update(module)
+            losses.append(loss)
+            if ema is not None:
+                _update_ema(ema, module, config.ema_decay)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+        if checkpoint_dir is not None:
+            if accelerator.is_main_process:
+                _save_epoch(checkpoint_dir, epoch + 1, module, optimizer, scheduler, g, losses, ema)
+            accelerator.wait_for_everyone()
+    if bar is not None:
+        bar.close()
+    if ema is not None:
+        module.load_state_dict(ema)
+    return losses
+
+
+# ---- augmentation and mixing ----------------------------------------------------------------------
+def _train_images(train: LoadedImages, config: FinetuneConfig, batch: _Batch) -> Tensor:
+    """This process's images of the batch, augmented when `config.augment` is on."""
+    images = train.images[batch.rows[batch.local]]
+    if not config.augment:
+        return images
+    # Drawn for the whole global batch from (seed, step): the same image gets the same change whatever
+    # the number of processes, and a resumed run draws what the uninterrupted one drew.
+    params = augment_params(len(batch.rows), seed=config.seed, step=batch.step)
+    return augment_images(images, params[batch.local])
+
+
+def augment_params(n: int, *, seed: int, step: int) -> Tensor:
+    """Random affine parameters for `n` images, (n, 4): rotation in degrees (±10), scale (0.9-1.1), and
+    horizontal and vertical shift as fractions of the side (±0.08); deterministic in (seed, step)."""
+    rng = np.random.default_rng((seed, step, 1))
+    return torch.tensor(
+        np.stack(
+            [rng.uniform(-10, 10, n), rng.uniform(0.9, 1.1, n), rng.uniform(-0.08, 0.08, n), rng.uniform(-0.08, 0.08, n)],
+            axis=1,
+        ),
+        dtype=torch.float32,
+    )
+
+
+def augment_images(images: Tensor, params: Tensor) -> Tensor:
+    """Applies `augment_params` rows (n, 4) to normalised images (n, 3, H, W), bilinearly. Pixels that
+    come from outside the image repeat its edge (the background, for digits and most photos)."""
+    H, W = images.shape[-2:]
+    angle, scale, dx, dy = (torch.as_tensor(c, dtype=images.dtype) for c in params.T)
+    a = torch.deg2rad(angle)
+    cos, sin = torch.cos(a) / scale, torch.sin(a) / scale
+    # The inverse map, output -> input pixel, in grid_sample's [-1, 1] coordinates (scaled per axis so
+    # that a rotation stays a rotation on non-square images).
+    theta = torch.zeros(len(images), 2, 3, dtype=images.dtype)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, sin * H / W
+    theta[:, 1, 0], theta[:, 1, 1] = -sin * W / H, cos
+    shift = torch.stack([2 * dx, 2 * dy], dim=1)
+    theta[:, :, 2] = -(theta[:, :, :2] @ shift.unsqueeze(-1)).squeeze(-1)
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _mixed_loss(classifier: nn.Module, images: Tensor, labels: Tensor, config: FinetuneConfig, step: int) -> Tensor:
+    """The summed cross-entropy (with label smoothing) of the batch, on mixup'd or cutmix'd pairs when
+    those are on: each image is mixed with the one at the mirrored position of the batch."""
+    ce = partial(F.cross_entropy, label_smoothing=config.label_smoothing, reduction="sum")
+    use_mixup, use_cutmix = config.mixup_alpha > 0, config.cutmix_alpha > 0
+    if not (use_mixup or use_cutmix) or len(images) < 2:
         return ce(classifier(images), labels)
-    # The coefficient is drawn from (seed, step), not from a running generator: a resumed run draws the same ones.
-    lam = float(np.random.default_rng((config.seed, step)).beta(config.mixup_alpha, config.mixup_alpha))
-    logits = classifier(lam * images + (1 - lam) * images.flip(0))
+    # Drawn from (seed, step), not from a running generator: a resumed run draws the same ones.
+    rng = np.random.default_rng((config.seed, step))
+    cutmix = use_cutmix and (not use_mixup or rng.random() < 0.5)  # both on: one or the other, as timm does
+    lam = float(rng.beta(*(2 * [config.cutmix_alpha if cutmix else config.mixup_alpha])))
+    if cutmix:
+        images, lam = _cutmix(images, lam, rng)
+    else:
+        images = lam * images + (1 - lam) * images.flip(0)
+    logits = classifier(images)
     return lam * ce(logits, labels) + (1 - lam) * ce(logits, labels.flip(0))
 
 
+def _cutmix(images: Tensor, lam: float, rng: np.random.Generator) -> tuple[Tensor, float]:
+    """Pastes a box of (1 - lam) of the area from the mirrored image (Yun et al. 2019); returns the mixed
+    images and lam corrected to the box's real area after clipping at the border."""
+    H, W = images.shape[-2:]
+    cut = math.sqrt(1 - lam)
+    h, w = int(H * cut), int(W * cut)
+    cy, cx = int(rng.integers(H)), int(rng.integers(W))
+    top, bottom = max(cy - h // 2, 0), min(cy + h // 2, H)
+    left, right = max(cx - w // 2, 0), min(cx + w // 2, W)
+    mixed = images.clone()
+    mixed[:, :, top:bottom, left:right] = images.flip(0)[:, :, top:bottom, left:right]
+    return mixed, 1 - (bottom - top) * (right - left) / (H * W)
+
+
 @torch.no_grad()
-def _update_ema(ema: dict[str, Tensor], classifier: ImageClassifier, decay: float) -> None:
-    for k, v in classifier.state_dict().items():
+def _update_ema(ema: dict[str, Tensor], module: nn.Module, decay: float) -> None:
+    for k, v in module.state_dict().items():
         if v.is_floating_point():
             ema[k].lerp_(v, 1 - decay)
         else:
@@ -513,35 +650,36 @@ CHECKPOINT_FILE = "finetune_state.pt"
 
 
 def _save_epoch(
-    directory: Path, epoch: int, classifier, optimizer, scheduler, g: torch.Generator, losses: list[float], ema=None
+    directory: Path, epoch: int, module: nn.Module, optimizer, scheduler, g: torch.Generator, losses: list[float], ema=None
 ) -> Path:
+    from vlm.checkpoint import atomic_path
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "epoch": epoch,
-        "model": classifier.state_dict(),
+        "model": module.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "generator": g.get_state(),
         "losses": list(losses),
         "ema": ema,
     }
-    tmp = directory / f".tmp-{CHECKPOINT_FILE}"
-    torch.save(state, tmp)
-    os.replace(tmp, directory / CHECKPOINT_FILE)
+    with atomic_path(directory / CHECKPOINT_FILE) as tmp:
+        torch.save(state, tmp)
     logger.info("fine-tune checkpoint saved after epoch %d: %s", epoch, directory / CHECKPOINT_FILE)
     return directory / CHECKPOINT_FILE
 
 
 def _resume(
-    directory: Path | None, classifier, optimizer, scheduler, g: torch.Generator, losses: list[float], ema=None
+    directory: Path | None, module: nn.Module, optimizer, scheduler, g: torch.Generator, losses: list[float], ema=None
 ) -> int:
     """Restores the last epoch's checkpoint if `directory` holds one; returns the epoch to start at."""
     path = Path(directory) / CHECKPOINT_FILE if directory is not None else None
     if path is None or not path.is_file():
         return 0
     state = torch.load(path, weights_only=True)
-    classifier.load_state_dict(state["model"])
+    module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     g.set_state(state["generator"])
@@ -583,6 +721,7 @@ def wise_ft(zeroshot: ImageClassifier, finetuned: ImageClassifier, alpha: float)
 
 @dataclass(frozen=True)
 class WiseFTPoint:
+    """One coefficient of a WiSE-FT sweep and the top-1 accuracies (fractions) it gives."""
     alpha: float
     accuracy: float  # top-1 on the held-out split
     robustness: float  # top-1 on its shifted copy
@@ -624,4 +763,5 @@ def save_sweep_png(points: Sequence[WiseFTPoint], path: str | os.PathLike) -> Pa
 
 
 def sweep_to_json(points: Sequence[WiseFTPoint]) -> list[dict]:
+    """The sweep as a list of {alpha, accuracy, robustness} dicts."""
     return [asdict(p) for p in points]

@@ -14,14 +14,29 @@ logger = logging.getLogger(__name__)
 DEFAULT_SWEEP = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
 
 
-def _splits(data: Path, eval_data: str | None) -> tuple[Path, Path]:
-    if eval_data is not None:
-        return data, Path(eval_data)
-    if (data / "train").is_dir() and (data / "test").is_dir():
-        return data / "train", data / "test"
+def _splits(args: argparse.Namespace) -> tuple[str, str]:
+    """The training and held-out data specs: DATA and --eval, or DATA/train and DATA/test, or one HF
+    dataset's --split and --eval-split."""
+    data = str(args.data)
+    if args.eval is not None:
+        return data, args.eval
+    if data.startswith("hf:"):
+        return data, data
+    root = Path(data)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return str(root / "train"), str(root / "test")
     raise ValueError(
-        f"{data} has no train/ and test/ subfolders; lay it out as {data}/{{train,test}}/<class>/<image> "
-        "or give the held-out split with --eval FOLDER"
+        f"{data} has no train/ and test/ subfolders; lay it out as {data}/{{train,test}}/<class>/<image>, "
+        "or give the held-out data with --eval (a class folder, a table or hf:DATASET)"
+    )
+
+
+def _labelled(spec: str, split: str | None, args: argparse.Namespace):
+    from vlm.evaluation import open_labelled
+
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    return open_labelled(
+        spec, split=split, image_column=args.image_column, label_column=args.label_column, class_names=names
     )
 
 
@@ -39,12 +54,22 @@ def _alphas(text: str) -> list[float]:
 def _parser() -> argparse.ArgumentParser:
     from vlm.cli import add_model_argument
 
+    from .config import PRECISIONS
     from .finetune import HEAD_INITS, MODES
 
     p = argparse.ArgumentParser(prog="vlm finetune", description="fine-tune the image tower on labelled images")
-    p.add_argument("data", help="folder with train/ and test/ subfolders of class folders (or a class folder with --eval)")
+    p.add_argument(
+        "data",
+        help="training images: a folder with train/ and test/ class folders; or, with --eval, a class folder or a "
+        "table (.csv/.tsv/.jsonl/.json/.parquet) of image paths and labels; or hf:DATASET (--split, --eval-split)",
+    )
     add_model_argument(p)
-    p.add_argument("--eval", default=None, help="held-out class folder (default: DATA/test)")
+    p.add_argument("--eval", default=None, help="held-out data, any kind DATA can be (default: DATA/test)")
+    p.add_argument("--split", default="train", help="training split of a Hugging Face dataset")
+    p.add_argument("--eval-split", default="test", help="held-out split of a Hugging Face dataset")
+    p.add_argument("--image-column", default="image", help="image column of a table or a Hugging Face dataset")
+    p.add_argument("--label-column", default="label", help="label column of a table or a Hugging Face dataset")
+    p.add_argument("--class-names", default=None, help="comma-separated names of a table's integer labels 0, 1, ...")
     p.add_argument("--output", required=True, help="directory the classifier, metrics.json and sweep.png go to")
     p.add_argument("--mode", choices=MODES, default="full")
     p.add_argument("--head-init", choices=HEAD_INITS, default="zeroshot")
@@ -58,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.0, help="keep and save a weight EMA, e.g. 0.999 (0 = off)")
     p.add_argument("--mixup-alpha", type=float, default=0.0, help="mixup Beta(alpha, alpha), e.g. 0.2 (0 = off)")
+    p.add_argument("--cutmix-alpha", type=float, default=0.0, help="cutmix Beta(alpha, alpha), e.g. 1.0 (0 = off)")
+    p.add_argument("--augment", action="store_true", help="random rotation, scale and shift of training images")
+    p.add_argument("--mixed-precision", choices=PRECISIONS, default="auto", help="auto: bf16/fp16 on GPU, fp32 on CPU")
     p.add_argument("--unlocked-blocks", type=int, default=None, help="train only the last N blocks")
     p.add_argument("--probe-steps", type=int, default=300)
     p.add_argument("--probe-lr", type=float, default=1e-2)
@@ -69,30 +97,36 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def finetune_main(argv: list[str]) -> int:
+    """`vlm finetune`: fine-tunes, sweeps WiSE-FT, and writes the chosen classifier, metrics.json and
+    sweep.png to --output (on the main process only under a multi-process launch). Returns 0."""
     from vlm.cli import load_model_from_args
-    from vlm.evaluation import labelled_folder
 
+    from .distributed import rank
     from .finetune import FinetuneConfig, LoadedImages, evaluate_classifier, finetune, load_images, save_sweep_png
     from .finetune import ImageClassifier, shift_images, sweep_to_json, wise_ft, wise_ft_sweep, zeroshot_head
 
     args = _parser().parse_args(argv)
-    train_dir, test_dir = _splits(Path(args.data), args.eval)
+    train_spec, test_spec = _splits(args)
     alphas = _alphas(args.sweep)
     if args.wise_ft is not None and not 0 <= args.wise_ft <= 1:
         raise ValueError(f"--wise-ft {args.wise_ft!r} is outside [0, 1]; 0 = zero-shot weights, 1 = fine-tuned")
     config = FinetuneConfig(
         mode=args.mode, head_init=args.head_init, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, layer_decay=args.layer_decay, label_smoothing=args.label_smoothing,
-        ema_decay=args.ema_decay, mixup_alpha=args.mixup_alpha, unlocked_blocks=args.unlocked_blocks, probe_steps=args.probe_steps, probe_lr=args.probe_lr, seed=args.seed,
-        progress=not args.no_progress,
+        ema_decay=args.ema_decay, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, augment=args.augment,
+        mixed_precision=args.mixed_precision, unlocked_blocks=args.unlocked_blocks, probe_steps=args.probe_steps,
+        probe_lr=args.probe_lr, seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
     model = load_model_from_args(args)
     progress = not args.no_progress
     size = args.image_size
-    train = load_images(labelled_folder(train_dir), model.config, image_size=size, progress=progress)
-    test = load_images(labelled_folder(test_dir), model.config, image_size=size, progress=progress)
+    train = load_images(_labelled(train_spec, args.split, args), model.config, image_size=size, progress=progress)
+    test = load_images(_labelled(test_spec, args.eval_split, args), model.config, image_size=size, progress=progress)
     if test.class_names != train.class_names:
-        raise ValueError(f"{test_dir} has classes {list(test.class_names)}, {train_dir} has {list(train.class_names)}; use the same class folders")
+        raise ValueError(
+            f"the held-out data {test_spec} has classes {list(test.class_names)} and the training data {train_spec} "
+            f"has {list(train.class_names)}; use data with the same classes"
+        )
     shifted = LoadedImages(shift_images(test.images, seed=args.seed), test.labels, test.class_names)
 
     zeroshot = ImageClassifier.from_clip(model, train.class_names)
@@ -100,6 +134,8 @@ def finetune_main(argv: list[str]) -> int:
     output = Path(args.output)
     # Rerunning the same command after a kill resumes from the last epoch's checkpoint.
     tuned = finetune(model, train, config, templates=args.templates, checkpoint_dir=output / "checkpoint").classifier
+    if rank() != 0:
+        return 0  # under a multi-process launch, the main process evaluates and writes
     points = wise_ft_sweep(zeroshot.eval(), tuned, test, shifted, alphas)
     alpha = 1.0 if args.wise_ft is None else args.wise_ft
     chosen = wise_ft(zeroshot, tuned, alpha)
@@ -135,21 +171,29 @@ def _summary(report: dict, output: Path) -> str:
 
 
 def eval_classify_main(argv: list[str]) -> int:
-    from vlm.evaluation import labelled_folder
+    """`vlm eval classify`: top-1, top-5 and mean per-class recall of a saved classifier on labelled
+    images and on their shifted copy; prints them (and writes JSON with --output). Returns 0."""
+    from vlm.evaluation import open_labelled
 
     from .finetune import ImageClassifier, LoadedImages, evaluate_classifier, load_images, shift_images
 
     p = argparse.ArgumentParser(prog="vlm eval classify", description="evaluate a fine-tuned classifier")
-    p.add_argument("data", help="class folder: DATA/<class>/<image>")
+    p.add_argument("data", help="a class folder (DATA/<class>/<image>), a table of image paths and labels, or hf:DATASET")
+    p.add_argument("--split", default="test", help="split of a Hugging Face dataset")
+    p.add_argument("--image-column", default="image", help="image column of a table or a Hugging Face dataset")
+    p.add_argument("--label-column", default="label", help="label column of a table or a Hugging Face dataset")
     p.add_argument("--model", required=True, help="classifier directory written by `vlm finetune`")
     p.add_argument("--output", default=None, help="write the metrics as JSON here")
     p.add_argument("--seed", type=int, default=0, help="seed of the shifted copy")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     classifier = ImageClassifier.from_pretrained(args.model)
-    data = load_images(
-        labelled_folder(args.data), classifier.clip_config, image_size=classifier.image_size, progress=not args.no_progress
-    )
+    # A table's integer labels index the classifier's classes; its string labels are matched to them.
+    labelled = open_labelled(
+        args.data, split=args.split, image_column=args.image_column, label_column=args.label_column,
+        class_names=classifier.class_names,
+    )  # fmt: skip
+    data = load_images(labelled, classifier.clip_config, image_size=classifier.image_size, progress=not args.no_progress)
     shifted = LoadedImages(shift_images(data.images, seed=args.seed), data.labels, data.class_names)
     report = {"test": evaluate_classifier(classifier, data).to_dict(), "shifted": evaluate_classifier(classifier, shifted).to_dict()}
     t, s = report["test"], report["shifted"]

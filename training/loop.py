@@ -39,6 +39,7 @@ __all__ = [
     "StepOutput",
     "Run",
     "NonFiniteLossError",
+    "resolve_mixed_precision",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,11 +62,14 @@ class Run:
 
     @property
     def clip(self) -> CLIP:
+        """The bare `CLIP` inside the accelerate/DDP wrapper (the same parameters, not a copy)."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
 
 @dataclass
 class StepOutput:
+    """What one optimiser step did, for the log."""
+
     loss: float  # the global-batch loss
     samples: int  # pairs in the global batch after skipping bad ones
     skipped: int  # bad samples dropped from this step's global batch
@@ -75,6 +79,9 @@ class StepOutput:
 
 @dataclass
 class TrainResult:
+    """What `train` returns: where the run and its final model are, the last step, its loss and
+    evaluation metrics, sample counts and the wall-clock `seconds` of the whole call."""
+
     run_dir: Path
     model_dir: Path
     step: int
@@ -104,7 +111,8 @@ def build_model(config: ModelConfig) -> CLIP:
     return model
 
 
-def _mixed_precision(requested: str) -> str:
+def resolve_mixed_precision(requested: str) -> str:
+    """The precision accelerate should use for `requested` ("auto": bf16 or fp16 on a GPU, fp32 on CPU)."""
     has_gpu = torch.cuda.is_available()
     if requested == "auto":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if has_gpu else "no"
@@ -116,10 +124,12 @@ def _mixed_precision(requested: str) -> str:
 
 
 def make_accelerator(config: TrainConfig):
+    """An `accelerate.Accelerator` with the config's mixed precision ("auto": bf16 or fp16 on a GPU, none
+    on CPU); ValueError for fp16 without a GPU. Imports accelerate when called."""
     from accelerate import Accelerator
 
     # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
-    return Accelerator(mixed_precision=_mixed_precision(config.mixed_precision), step_scheduler_with_optimizer=False)
+    return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), step_scheduler_with_optimizer=False)
 
 
 def prepare(config: TrainConfig) -> Run:

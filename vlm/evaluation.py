@@ -1,7 +1,8 @@
 """Evaluating a zero-shot classifier on labelled images, beside a supervised linear probe.
 
-Data: a folder whose subfolders are the classes, or a Hugging Face dataset with an image column and a
-label column (`ClassLabel` names, or strings). Metrics: top-1, top-5, mean per-class recall,
+Data: a folder whose subfolders are the classes, a table of image paths and labels, or a Hugging Face
+dataset with an image column and a label column (`ClassLabel` names, or strings); `open_labelled`
+takes any of them by name. Metrics: top-1, top-5, mean per-class recall,
 per-class accuracy and the confusion matrix (rows: true class, columns: predicted), written as JSON and
 PNG. The linear probe (logistic regression on the same frozen image features) is trained on a separate
 training split when one is given, else cross-validated on the evaluation data itself, so that both
@@ -39,6 +40,8 @@ __all__ = [
     "evaluate_zeroshot",
     "labelled_folder",
     "labelled_hf_dataset",
+    "labelled_table",
+    "open_labelled",
     "linear_probe",
     "per_class_recall",
     "save_confusion_png",
@@ -49,6 +52,7 @@ logger = logging.getLogger(__name__)
 # Inverse regularisation strengths the probe chooses from by cross-validation (features are standardised).
 PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
 PROBE_FOLDS = 5
+HF_PREFIX = "hf:"
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -106,6 +110,73 @@ def labelled_hf_dataset(
     return LabelledImages(HFImageColumn(dataset, image_column).collection(prefix), labels, class_names)
 
 
+def labelled_table(
+    path: str | os.PathLike,
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: Sequence[str] | None = None,
+) -> LabelledImages:
+    """A table (CSV, TSV, JSON Lines, JSON, Parquet) with an image-path column and a label column.
+
+    Relative image paths are taken from the table's folder. Labels that are all integers index
+    `class_names` (when given; else each class is named by its number); other labels are class names,
+    sorted, unless `class_names` gives their order."""
+    from .tables import read_table, resolve_image_path
+
+    path = Path(path)
+    rows = read_table(path)
+    if not rows:
+        raise ValueError(f"the table {path} has no rows")
+    for column in (image_column, label_column):
+        if column not in rows[0]:
+            raise ValueError(
+                f"the table {path} has no column {column!r} (columns: {', '.join(rows[0])}); "
+                "name the right ones with --image-column / --label-column"
+            )
+    values = [str(row[label_column]).strip() for row in rows]
+    if all(v.lstrip("-").isdigit() for v in values):
+        labels = tuple(int(v) for v in values)
+        names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(max(labels) + 1))
+        bad = [v for v in labels if not 0 <= v < len(names)]
+        if bad:
+            raise ValueError(
+                f"{path}: label {bad[0]} is outside the {len(names)} class names; give one name per label "
+                "0..max with --class-names"
+            )
+    else:
+        names = tuple(class_names) if class_names is not None else tuple(sorted(set(values)))
+        index = {name: i for i, name in enumerate(names)}
+        unknown = sorted(set(values) - set(index))
+        if unknown:
+            raise ValueError(f"{path}: labels {unknown[:5]} are not among the class names {list(names)}")
+        labels = tuple(index[v] for v in values)
+    paths = [resolve_image_path(str(row[image_column]), path.parent) for row in rows]
+    return LabelledImages(ImageCollection(paths, paths), labels, names)
+
+
+def open_labelled(
+    spec: str | os.PathLike,
+    *,
+    split: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: Sequence[str] | None = None,
+) -> LabelledImages:
+    """Labelled images named the way the CLI takes them: ``hf:NAME_OR_DIR`` (or a `save_to_disk`
+    directory) for a Hugging Face dataset (its `split`), a table file, or a folder of class folders."""
+    from .classify import is_saved_hf_dataset, load_hf_dataset
+    from .tables import is_table
+
+    text = str(spec)
+    if text.startswith(HF_PREFIX) or (Path(text).is_dir() and is_saved_hf_dataset(text)):
+        dataset = load_hf_dataset(text.removeprefix(HF_PREFIX), split)
+        return labelled_hf_dataset(dataset, image_column=image_column, label_column=label_column, prefix=split or "dataset")
+    if is_table(text):
+        return labelled_table(text, image_column=image_column, label_column=label_column, class_names=class_names)
+    return labelled_folder(text)
+
+
 # ---- metrics ------------------------------------------------------------------------------------
 def confusion_matrix(predictions: Tensor, targets: Tensor, num_classes: int) -> Tensor:
     """(C, C) int64 counts: row = true class, column = predicted class."""
@@ -135,6 +206,7 @@ class Metrics:
     num_samples: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values."""
         return asdict(self)
 
 
@@ -213,6 +285,7 @@ class ProbeResult:
     protocol: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values."""
         return {"protocol": self.protocol, "C": self.C, **self.metrics.to_dict()}
 
 
@@ -312,6 +385,7 @@ class ZeroShotEvaluation:
     model_fingerprint: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values."""
         return {
             "class_names": list(self.class_names),
             "model_fingerprint": self.model_fingerprint,

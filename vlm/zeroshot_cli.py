@@ -41,7 +41,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--split", default=None, help="split of a Hugging Face dataset (hf:...)")
-    parser.add_argument("--image-column", default="image", help="image column of a Hugging Face dataset")
+    parser.add_argument("--image-column", default="image", help="image column of a table or a Hugging Face dataset")
 
 
 def _classifier_from_args(args: argparse.Namespace, model: Any, default_classes: Any = None) -> Any:
@@ -98,6 +98,10 @@ def _report_failures(failures: list, total: int) -> None:
 
 
 def classify_main(argv: list[str]) -> int:
+    """`vlm classify`: prints the top-k labels of each image, reports unreadable images on stderr.
+
+    Returns 0; ValueError when no image could be read.
+    """
     from .classify import OUTPUT_FORMATS
 
     parser = argparse.ArgumentParser(
@@ -138,17 +142,20 @@ def classify_main(argv: list[str]) -> int:
 
 
 def eval_zeroshot_main(argv: list[str]) -> int:
+    """`vlm eval zeroshot`: zero-shot accuracy (and a linear probe) on labelled images; prints a summary
+    and writes results.json and confusion-matrix PNGs under `--out`. Returns 0."""
     parser = argparse.ArgumentParser(
         prog="vlm eval zeroshot",
-        description="Zero-shot accuracy on labelled images (a folder with one subfolder per class, or hf:DATASET), "
+        description="Zero-shot accuracy on labelled images (a folder with one subfolder per class, a table of image "
+        "paths and labels, or hf:DATASET), "
         "beside a linear probe on the same image features. Without labels, the classes are the data's own names.",
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("data", help="a folder of class subfolders, or hf:DATASET")
+    parser.add_argument("data", help="a folder of class subfolders, a table (.csv/.tsv/.jsonl/.json/.parquet), or hf:DATASET")
     _add_classifier_arguments(parser, required=False)
     parser.add_argument("--out", default="runs/eval-zeroshot", help="folder for results.json and the confusion PNGs")
-    parser.add_argument("--label-column", default="label", help="label column of a Hugging Face dataset")
+    parser.add_argument("--label-column", default="label", help="label column of a table or a Hugging Face dataset")
     parser.add_argument("--train", help="training data for the linear probe (else it is cross-validated on DATA)")
     parser.add_argument("--train-split", default=None, help="split of --train when it is a Hugging Face dataset")
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
@@ -183,17 +190,14 @@ def eval_zeroshot_main(argv: list[str]) -> int:
 
 
 def _labelled(spec: str, split: str | None, args: argparse.Namespace) -> Any:
-    from .evaluation import labelled_folder, labelled_hf_dataset
+    from .evaluation import open_labelled
 
-    if _is_hf(spec):
-        dataset = _hf_dataset(spec, split)
-        return labelled_hf_dataset(
-            dataset, image_column=args.image_column, label_column=args.label_column, prefix=split or "dataset"
-        )
-    return labelled_folder(spec)
+    return open_labelled(spec, split=split, image_column=args.image_column, label_column=args.label_column)
 
 
 def explain_main(argv: list[str]) -> int:
+    """`vlm explain`: draws the attention rollout and per-prompt relevance maps of one image into the
+    `--out` PNG and prints each map's cosine similarity. Returns 0."""
     parser = argparse.ArgumentParser(
         prog="vlm explain",
         description="Attention rollout of the image tower and, for each --text, the patches that raise the "
