@@ -20,7 +20,6 @@ dataset images without one); in a caption collection (``modality="text"``) the k
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -32,13 +31,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlm.data import IMAGE_EXTENSIONS, find_images
+from vlm.tables import TABLE_SUFFIXES, read_table, resolve_image_path
 
 __all__ = ["Collection", "Subset", "open_source", "MODALITIES", "TABLE_SUFFIXES", "LIST_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
 MODALITIES = ("image", "text")
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 IMAGE_COLUMNS = ("image", "image_path", "img_path", "filepath", "file_path", "path", "file", "filename", "img")
 CAPTION_COLUMNS = ("caption", "text", "title", "description", "alt", "sentence")
@@ -222,44 +221,23 @@ def _list_rows(path: Path) -> _Rows:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, _, caption = line.partition("\t")
-        paths.append(_resolve(name.strip(), path.parent))
+        paths.append(resolve_image_path(name.strip(), path.parent))
         captions.append(caption.strip() or None)
     has_captions = any(c is not None for c in captions)
     return _Rows(paths, paths, captions if has_captions else None, {}, f"list {path} ({len(paths)} lines)")
 
 
 def _table_rows(path: Path, image_column: str | None, caption_column: str | None) -> _Rows:
-    records = _read_table(path)
+    records = read_table(path)
     columns = list(records[0].keys()) if records else []
     image_col = _pick_column(columns, image_column, IMAGE_COLUMNS, path, "image", required=True)
     caption_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, path, "caption", required=False)
-    paths = [_resolve(str(r[image_col]), path.parent) for r in records]
+    paths = [resolve_image_path(str(r[image_col]), path.parent) for r in records]
     captions = (
         [None if r.get(caption_col) in (None, "") else str(r[caption_col]) for r in records] if caption_col else None
     )
     extra = {_column_name(c): [r.get(c) for r in records] for c in columns if c not in (image_col, caption_col)}
     return _Rows(paths, paths, captions, extra, f"table {path} ({len(records)} rows)")
-
-
-def _read_table(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".csv", ".tsv"):
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, list):
-                raise ValueError("a JSON table must be a list of objects")
-            return data
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    except (OSError, ValueError, csv.Error) as err:
-        raise ValueError(f"cannot read the table {path}: {err}") from err
 
 
 def _pick_column(
@@ -288,11 +266,6 @@ def _column_name(name: str) -> str:
     clean = _NOT_IDENT.sub("_", str(name)).strip("_") or "column"
     clean = f"c_{clean}" if clean[0].isdigit() else clean
     return f"{clean}_" if clean.lower() in ("id", "key", "path", "caption") else clean
-
-
-def _resolve(name: str, base: Path) -> str:
-    path = Path(os.path.expanduser(name))
-    return str((path if path.is_absolute() else base / path).resolve())
 
 
 # ---- Hugging Face datasets -------------------------------------------------------------------------

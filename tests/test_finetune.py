@@ -12,7 +12,6 @@ from PIL import Image
 from training.finetune import (
     FinetuneConfig,
     ImageClassifier,
-    LoadedImages,
     evaluate_classifier,
     finetune,
     layer_decay_groups,

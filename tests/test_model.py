@@ -1,6 +1,5 @@
 """Every preset: forward, backward, fused vs reference attention, checkpointing, shapes."""
 
-import dataclasses
 import math
 
 import pytest
