@@ -62,3 +62,28 @@ def test_two_processes_fine_tune_to_the_weights_of_one(tmp_path):
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_vlm_finetune_under_a_two_process_launch(tmp_path):
+    """`vlm finetune` under torchrun: the main process alone evaluates and writes, and the classifier it
+    saves equals a one-process run's."""
+    import json
+
+    from training.finetune import ImageClassifier
+    from vlm.cli import main
+    from vlm.model import create_model
+
+    _write_colours(tmp_path / "data" / "train", 8, seed=0)
+    _write_colours(tmp_path / "data" / "test", 3, seed=1)
+    torch.manual_seed(0)
+    model_dir = create_model("tiny").save_pretrained(tmp_path / "model")
+    common = ["finetune", str(tmp_path / "data"), "--model", str(model_dir), "--mode", "full", "--epochs", "2",
+              "--batch-size", "10", "--lr", "1e-3", "--augment", "--sweep", "0,1", "--no-progress"]  # fmt: skip
+    _torchrun(["-m", "vlm", *common, "--output", str(tmp_path / "two")])
+    assert main([*common, "--output", str(tmp_path / "one")]) == 0
+    two, one = ImageClassifier.from_pretrained(tmp_path / "two"), ImageClassifier.from_pretrained(tmp_path / "one")
+    for key, value in one.state_dict().items():
+        if not key.endswith("k_proj.bias"):  # see above
+            torch.testing.assert_close(two.state_dict()[key], value, atol=2e-5, rtol=1e-4, msg=key)
+    report = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert report["sweep"][-1]["accuracy"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["sweep"][-1]["accuracy"]
