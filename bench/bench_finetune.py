@@ -30,9 +30,11 @@ COMMON = dict(epochs=20, layer_decay=0.75, label_smoothing=0.1, augment=True)
 RECIPES = {
     "linear probe": dict(mode="linear-probe"),
     "full": dict(mode="full", lr=3e-4, **COMMON),
+    # Without augmentation the tuned model has seen no rotated or shrunk digit: WiSE-FT's case.
+    "full, no augmentation": dict(mode="full", lr=3e-4, **{**COMMON, "augment": False}),
     "full + EMA, lr 1e-3": dict(mode="full", lr=1e-3, ema_decay=0.99, **{**COMMON, "layer_decay": 0.65}),
     "LP-FT": dict(mode="lp-ft", lr=3e-4, **COMMON),
-    "FLYP": dict(mode="flyp", lr=1e-5, epochs=10, augment=True),
+    "FLYP": dict(mode="flyp", lr=1e-4, epochs=10, augment=True),
 }
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -515,25 +515,28 @@ def _train(
     from .loop import resolve_mixed_precision
     from .optim import build_scheduler
 
-    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision), step_scheduler_with_optimizer=False
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if config.batch_size < world:
+        raise ValueError(f"batch_size={config.batch_size} is smaller than the {world} processes; use at least {world}")
+    # An epoch's last global batch is dropped when it has fewer images than there are processes (one
+    # would get none): with one process, never.
+    per_epoch = len(train) // config.batch_size + (len(train) % config.batch_size >= world)
+    steps = config.epochs * per_epoch
     scheduler = build_scheduler(optimizer, ScheduleConfig(steps=steps, warmup_steps=min(config.warmup_steps, steps - 1)))
     g = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     ema = {k: v.detach().clone() for k, v in module.state_dict().items()} if config.ema_decay else None
     start = _resume(checkpoint_dir, module, optimizer, scheduler, g, losses, ema)
-    # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.mixed_precision), step_scheduler_with_optimizer=False
-    )
     model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if config.batch_size < world:
-        raise ValueError(f"batch_size={config.batch_size} is smaller than the {world} processes; use at least {world}")
     model.train()
     bar = _bar(steps, config.progress and accelerator.is_main_process, initial=len(losses))
     for epoch in range(start, config.epochs):
         order = torch.randperm(len(train), generator=g)
-        for s in range(0, len(train), config.batch_size):
+        for s in range(0, per_epoch * config.batch_size, config.batch_size):
             rows = order[s : s + config.batch_size]
             local = torch.arange(rank, len(rows), world)
             optimizer.zero_grad(set_to_none=True)

@@ -246,11 +246,11 @@ def _search(model, data: DigitsData, result: DemoResult) -> Section:
         wanted = _digit_in(query)
         right += sum(_class_of(h.path) == wanted for h in hits[:5])
         grids.append(_hits_grid(f'"{query}"', hits, wanted))
-        print(f'"{query}": ' + ", ".join(f"{_class_of(h.path)} ({h.score:.2f})" for h in hits[:5]))
+        print(f'"{query}": ' + _hit_list(hits[:5]))
     result.text_precision_at_5 = right / (5 * len(TEXT_QUERIES))
     probe = data.test.paths[_first_of(data, 4)]
     hits = index.search_image(str(probe), k=8)[0]
-    print(f"image {probe.relative_to(data.root)}: " + ", ".join(f"{_class_of(h.path)} ({h.score:.2f})" for h in hits[:5]))
+    print(f"image {Path(_class_of(str(probe))) / probe.name}: " + _hit_list(hits[:5]))
     grids.append(Grid("query", [Tile(probe, "the query image", _class_of(str(probe)))]))
     grids.append(_hits_grid("its nearest held-out images (the first is itself)", hits, _class_of(str(probe))))
     return Section(
@@ -356,6 +356,11 @@ def _first_of(data: DigitsData, digit: int) -> int:
 
 def _hits_grid(title: str, hits, wanted: str) -> Grid:
     return Grid(title, [Tile(Path(h.path), _class_of(h.path), f"{h.score:.3f}", _class_of(h.path) == wanted) for h in hits])
+
+
+def _hit_list(hits) -> str:
+    """Search hits as "seven/0081.png 0.74, ..." (class folder and file, cosine score)."""
+    return ", ".join(f"{Path(_class_of(h.path)) / Path(h.path).name} {h.score:.2f}" for h in hits)
 
 
 def _vlm_command() -> str:
