@@ -55,6 +55,9 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert vlm_main(["classify", str(seven), "--labels", "zero,one,two,three,four,five,six,seven,eight,nine"]) == 0
     assert vlm_main(["search", str(out / "index"), "--text", "a handwritten three", "-k", "3"]) == 0
     assert "three" in capsys.readouterr().out
+    # The saved classifier's classes are in digit order, the folders' in alphabetical order.
+    assert vlm_main(["eval", "classify", str(out / "data" / "test"), "--model", str(out / "classifier"), "--no-progress"]) == 0
+    assert "top-1" in capsys.readouterr().out
     from training.finetune import ImageClassifier
 
     assert ImageClassifier.from_pretrained(out / "classifier").class_names[7] == "seven"

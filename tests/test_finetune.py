@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,6 +267,11 @@ def test_cli_reads_tables_and_hf_datasets(model, colours, tmp_path, capsys):
     for split in ("train", "test"):
         rows = [(p.relative_to(colours), names.index(p.parent.name)) for p in sorted((colours / split).rglob("*.png"))]
         (colours / f"{split}.csv").write_text("image,label\n" + "".join(f"{p},{y}\n" for p, y in rows))
+    ordered = labelled_folder(colours / "test", class_names=names[::-1])  # the order given, not sorted
+    assert ordered.class_names == tuple(names[::-1])
+    assert all(ordered.class_names[y] == Path(p).parent.name for p, y in zip(ordered.images.sources, ordered.labels))
+    with pytest.raises(ValueError, match="class folders"):
+        labelled_folder(colours / "test", class_names=["red", "green"])
     table = labelled_table(colours / "test.csv", class_names=names)
     folder = labelled_folder(colours / "test")
     assert table.class_names == folder.class_names and sorted(table.labels) == sorted(folder.labels)

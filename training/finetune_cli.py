@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="test", help="held-out split of a Hugging Face dataset")
     p.add_argument("--image-column", default="image", help="image column of a table or a Hugging Face dataset")
     p.add_argument("--label-column", default="label", help="label column of a table or a Hugging Face dataset")
-    p.add_argument("--class-names", default=None, help="comma-separated names of a table's integer labels 0, 1, ...")
+    p.add_argument("--class-names", default=None, help="comma-separated class names: of a table's integer labels 0, 1, ..., or the order of the class folders")
     p.add_argument("--output", required=True, help="directory the classifier, metrics.json and sweep.png go to")
     p.add_argument("--mode", choices=MODES, default="full")
     p.add_argument("--head-init", choices=HEAD_INITS, default="zeroshot")

@@ -68,17 +68,26 @@ class LabelledImages:
         assert len(self.labels) == len(self.images), "one label per image"
 
 
-def labelled_folder(root: str | os.PathLike) -> LabelledImages:
-    """Images under `root/<class>/...` (any depth below the class folder); classes sorted by name."""
+def labelled_folder(root: str | os.PathLike, *, class_names: Sequence[str] | None = None) -> LabelledImages:
+    """Images under `root/<class>/...` (any depth below the class folder). Classes are sorted by name,
+    or, with `class_names`, in that order (every name must have a folder, and every folder a name)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; give a folder with one subfolder of images per class")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_names is not None:
+        found = {p.name: p for p in class_dirs}
+        if set(found) != set(class_names):
+            raise ValueError(
+                f"{root} has class folders {sorted(found)}, but the classes are {list(class_names)}; "
+                "give a folder with one subfolder per class name"
+            )
+        class_dirs = [found[name] for name in class_names]
     paths, labels = [], []
     for label, folder in enumerate(class_dirs):
-        found = find_images(folder)
-        paths += found
-        labels += [label] * len(found)
+        found_images = find_images(folder)
+        paths += found_images
+        labels += [label] * len(found_images)
     if not paths:
         raise ValueError(f"{root} has no class subfolders with images; lay it out as {root}/<class name>/<image>")
     return LabelledImages(
@@ -164,7 +173,8 @@ def open_labelled(
     class_names: Sequence[str] | None = None,
 ) -> LabelledImages:
     """Labelled images named the way the CLI takes them: ``hf:NAME_OR_DIR`` (or a `save_to_disk`
-    directory) for a Hugging Face dataset (its `split`), a table file, or a folder of class folders."""
+    directory) for a Hugging Face dataset (its `split`), a table file, or a folder of class folders.
+    `class_names` orders a table's or a folder's classes (a dataset's `ClassLabel` names its own)."""
     from .classify import is_saved_hf_dataset, load_hf_dataset
     from .tables import is_table
 
@@ -174,7 +184,7 @@ def open_labelled(
         return labelled_hf_dataset(dataset, image_column=image_column, label_column=label_column, prefix=split or "dataset")
     if is_table(text):
         return labelled_table(text, image_column=image_column, label_column=label_column, class_names=class_names)
-    return labelled_folder(text)
+    return labelled_folder(text, class_names=class_names)
 
 
 # ---- metrics ------------------------------------------------------------------------------------
