@@ -87,5 +87,7 @@ def test_report_is_self_contained_and_escaped(tmp_path):
     assert html.count('src="files/0000-a.png"') == 3  # one copy, linked three times
     assert sorted(p.name for p in (tmp_path / "report" / "files").iterdir()) == ["0000-a.png"]
     assert 'class="tile good"' in html and 'class="tile bad"' in html
+    write_report(tmp_path / "report", "again", [Section("text only")])  # rewritten: no stale files left
+    assert list((tmp_path / "report" / "files").iterdir()) == []
     with pytest.raises(FileNotFoundError, match="missing.png"):
         write_report(tmp_path / "r2", "t", [Section("s", figures=[Figure(tmp_path / "missing.png")])])

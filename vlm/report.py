@@ -84,10 +84,13 @@ def write_report(
     directory: str | os.PathLike, title: str, sections: Sequence[Section], *, subtitle: str = ""
 ) -> Path:
     """Writes `directory/index.html` and copies every figure and thumbnail into `directory/files/`;
-    returns the path of index.html. Files are copied, not linked: the folder stands alone."""
+    returns the path of index.html. Files are copied, not linked: the folder stands alone. A previous
+    report's `files/` folder is replaced, so a rewritten report holds only what it shows."""
     directory = Path(directory)
     files = directory / "files"
-    files.mkdir(parents=True, exist_ok=True)
+    if files.is_dir():
+        shutil.rmtree(files)
+    files.mkdir(parents=True)
     assets = _Assets(files)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(subtitle)}{" · " if subtitle else ""}{stamp}</p>']
