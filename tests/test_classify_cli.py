@@ -157,6 +157,14 @@ def test_eval_zeroshot_with_labels_file_and_train_split(setup, capsys):
     code, _, err = _run(capsys, f"eval zeroshot {setup}/imgs --labels light --out {setup}/eval3 {common}")
     assert code == 1 and "no class for ['dark']" in err
 
+    # A table with integer labels: they number the --labels classes.
+    rows = [f"imgs/{name}/{i}.png,{label}" for label, name in enumerate(["light", "dark"]) for i in range(3)]
+    (setup / "t.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    code, _, err = _run(capsys, f"eval zeroshot {setup}/t.csv --no-probe --labels light,dark --out {setup}/eval4 {common}")
+    assert code == 0, err
+    results = json.loads((setup / "eval4" / "results.json").read_text())
+    assert results["class_names"] == ["light", "dark"] and results["zeroshot"]["num_samples"] == 6
+
 
 def test_explain(setup, capsys):
     image = setup / "imgs" / "dark" / "0.png"

@@ -87,7 +87,15 @@ def test_report_is_self_contained_and_escaped(tmp_path):
     assert html.count('src="files/0000-a.png"') == 3  # one copy, linked three times
     assert sorted(p.name for p in (tmp_path / "report" / "files").iterdir()) == ["0000-a.png"]
     assert 'class="tile good"' in html and 'class="tile bad"' in html
+    with pytest.raises(FileNotFoundError, match="missing.png"):  # checked before anything is touched
+        write_report(tmp_path / "report", "t", [Section("s", figures=[Figure(tmp_path / "missing.png")])])
+    assert (tmp_path / "report" / "files" / "0000-a.png").is_file()
     write_report(tmp_path / "report", "again", [Section("text only")])  # rewritten: no stale files left
     assert list((tmp_path / "report" / "files").iterdir()) == []
-    with pytest.raises(FileNotFoundError, match="missing.png"):
-        write_report(tmp_path / "r2", "t", [Section("s", figures=[Figure(tmp_path / "missing.png")])])
+    (tmp_path / "mine" / "files").mkdir(parents=True)  # a files/ folder no report wrote is left alone
+    with pytest.raises(FileExistsError, match="another folder"):
+        write_report(tmp_path / "mine", "t", [])
+    odd = tmp_path / 'a "b"#?.png'
+    Image.new("RGB", (8, 8)).save(odd, format="PNG")
+    html = write_report(tmp_path / "odd", "t", [Section("s", figures=[Figure(odd)])]).read_text()
+    assert 'src="files/0000-a__b___.png"' in html

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -123,6 +124,9 @@ def test_resume_is_exact(model, train_images, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         finetune(model, train_images, config, checkpoint_dir=tmp_path)
     monkeypatch.setattr(ft, "_save_epoch", save)
+    # Another run's checkpoint (here: another learning rate) is refused, not resumed.
+    with pytest.raises(ValueError, match="different fine-tuning run .*config"):
+        finetune(model, train_images, dataclasses.replace(config, lr=2e-3), checkpoint_dir=tmp_path)
     resumed = finetune(model, train_images, config, checkpoint_dir=tmp_path)
     assert resumed.losses == reference.losses
     for k, v in reference.classifier.state_dict().items():
@@ -253,7 +257,7 @@ def test_cutmix_pastes_the_area_it_reports():
     images = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
     for seed in range(20):
         rng = np.random.default_rng(seed)
-        mixed, lam = _cutmix(images, float(rng.beta(1.0, 1.0)), rng)
+        mixed, lam = _cutmix(images, images.flip(0), float(rng.beta(1.0, 1.0)), rng)
         # Image 0 received a box from image 1 (its mirror): the ones it holds are the pasted area.
         assert abs(float(mixed[0].mean()) - (1 - lam)) < 1e-6
 
@@ -299,10 +303,30 @@ def test_cli_reads_tables_and_hf_datasets(model, colours, tmp_path, capsys):
         features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
         return datasets.Dataset.from_dict(rows, features=features)
 
-    good = [p for p in (colours / "test").rglob("*.png") if p.name != "broken.png"]
-    assert good
     hf_dir = tmp_path / "hf"
-    datasets.DatasetDict({"train": split("train"), "test": split("train")}).save_to_disk(str(hf_dir))
+    datasets.DatasetDict({"train": split("train"), "test": split("test")}).save_to_disk(str(hf_dir))
     assert labelled_hf_dataset(datasets.load_from_disk(str(hf_dir))["test"]).class_names == tuple(names)
     assert main(["finetune", f"hf:{hf_dir}", *common, "--output", str(tmp_path / "hf-run")]) == 0
+    assert "1 unreadable image(s) skipped" in capsys.readouterr().out  # the broken file, in the test split
     assert (tmp_path / "hf-run" / "metrics.json").is_file()
+
+
+def test_table_labels_names_numbers_and_errors(tmp_path):
+    from vlm.evaluation import labelled_table
+
+    table = tmp_path / "t.csv"
+    table.write_text("image,label\na.png,1\nb.png,2\n")
+    # Labels that are class names are matched by name, even when the names are numbers.
+    assert labelled_table(table, class_names=["1", "2", "3"]).labels == (0, 1)
+    assert labelled_table(table, class_names=["zero", "one", "two"]).labels == (1, 2)  # else: indices
+    assert labelled_table(table).class_names == ("0", "1", "2")
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"image": "a.png", "label": 1.0}\n{"image": "b.png", "label": 0}\n')
+    assert labelled_table(jsonl).labels == (1, 0)  # 1.0 is the integer label 1
+    for body, message in [("a.png,\n", "row 1 has an empty 'label'"), ("a.png,-1\n", "negative")]:
+        table.write_text("image,label\n" + body)
+        with pytest.raises(ValueError, match=message):
+            labelled_table(table)
+    table.write_text("image,label\na.png,cat\n")
+    with pytest.raises(ValueError, match="repeat"):
+        labelled_table(table, class_names=["cat", "cat"])

@@ -1,5 +1,5 @@
 """Fine-tuning under a two-process launch (gloo on CPU, what `accelerate launch` runs on several GPUs)
-reaches the weights of one process on the same global batches, with augmentation on.
+reaches the weights of one process on the same global batches, with augmentation, mixup and cutmix on.
 
 The test launches this file with torchrun; rank 0 saves the fine-tuned classifier's weights and the
 loss history, and the test compares them with a one-process run in the test process.
@@ -18,7 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # batch 10 over 24 images: the last global batch of each epoch has 4 rows, 2 per process.
 CONFIGS = {
-    "full": dict(mode="full", epochs=2, lr=1e-3, batch_size=10, warmup_steps=1, augment=True, label_smoothing=0.1),
+    "full": dict(
+        mode="full", epochs=2, lr=1e-3, batch_size=10, warmup_steps=1, augment=True, label_smoothing=0.1,
+        mixup_alpha=0.4, cutmix_alpha=1.0,
+    ),  # fmt: skip
     "flyp": dict(mode="flyp", epochs=2, lr=1e-3, batch_size=10, warmup_steps=1, augment=True),
 }
 

@@ -27,7 +27,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -127,6 +127,8 @@ class FinetuneConfig:
             raise ValueError(f"cutmix_alpha must be >= 0 (0 = off, 1.0 is usual), got {self.cutmix_alpha!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {PRECISIONS}; pick one of them")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.unlocked_blocks is not None and self.unlocked_blocks < 0:
             raise ValueError(f"unlocked_blocks must be >= 0 or None (all blocks), got {self.unlocked_blocks!r}")
 
@@ -463,10 +465,15 @@ def _classifier_step(train: LoadedImages, config: FinetuneConfig):
     from .distributed import all_reduce_sums
 
     def step(model: nn.Module, accelerator, batch: _Batch) -> float:
-        images = _train_images(train, config, batch).to(accelerator.device)
-        labels = train.labels[batch.rows[batch.local]].to(accelerator.device)
+        device = accelerator.device
+        images = _train_images(train, config, batch, batch.local).to(device)
+        labels = train.labels[batch.rows[batch.local]].to(device)
+        # Mixup and cutmix pair each image with the one at the mirrored position of the global batch,
+        # so the pairs do not depend on how the batch is split across processes.
+        mirror = len(batch.rows) - 1 - batch.local
+        partners = _Partners(lambda: _train_images(train, config, batch, mirror).to(device), train.labels[batch.rows[mirror]].to(device))
         with accelerator.autocast():
-            summed = _mixed_loss(model, images, labels, config, batch.step)
+            summed = _mixed_loss(model, images, labels, partners, config, batch.step)
         # DistributedDataParallel averages the processes' gradients: scaling each process's sum by
         # world / global batch makes that average the gradient of the global batch's mean loss.
         accelerator.backward(summed * (accelerator.num_processes / len(batch.rows)))
@@ -488,7 +495,7 @@ def _flyp_step(clip: CLIP, train: LoadedImages, config: FinetuneConfig, template
     loss = LossConfig(kind="clip" if clip.logit_bias is None else "siglip")
 
     def step(model: nn.Module, accelerator, batch: _Batch) -> float:
-        images = _train_images(train, config, batch).to(accelerator.device)
+        images = _train_images(train, config, batch, batch.local).to(accelerator.device)
         # Templates rotate through the batch so that every wording is trained on.
         captions = [
             fill_template(prompts[(batch.step + int(j)) % len(prompts)], train.class_names[int(train.labels[batch.rows[j]])])
@@ -508,20 +515,19 @@ def _train(
     checkpoint_dir: Path | None,
     after_update=None,
 ) -> list[float]:
-    """The fine-tuning loop through accelerate; trains `module` in place and returns the loss per step."""
-    from accelerate import Accelerator
-
+    """The fine-tuning loop through accelerate; trains `module` in place (and leaves it on the device it
+    came on) and returns the loss per step."""
     from .config import ScheduleConfig
-    from .loop import resolve_mixed_precision
+    from .loop import NonFiniteLossError, make_accelerator
     from .optim import build_scheduler
 
-    # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.mixed_precision), step_scheduler_with_optimizer=False
-    )
+    accelerator = make_accelerator(config.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if config.batch_size < world:
-        raise ValueError(f"batch_size={config.batch_size} is smaller than the {world} processes; use at least {world}")
+    if config.batch_size < world or len(train) < world:
+        raise ValueError(
+            f"{world} processes need at least {world} images a batch: batch_size={config.batch_size}, "
+            f"{len(train)} training images; use a larger batch or fewer processes"
+        )
     # An epoch's last global batch is dropped when it has fewer images than there are processes (one
     # would get none): with one process, never.
     per_epoch = len(train) // config.batch_size + (len(train) % config.batch_size >= world)
@@ -530,7 +536,9 @@ def _train(
     g = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     ema = {k: v.detach().clone() for k, v in module.state_dict().items()} if config.ema_decay else None
-    start = _resume(checkpoint_dir, module, optimizer, scheduler, g, losses, ema)
+    key = _run_key(module, train, config)
+    start = _resume(checkpoint_dir, key, module, optimizer, scheduler, g, losses, ema)
+    home = next(module.parameters()).device
     model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     model.train()
     bar = _bar(steps, config.progress and accelerator.is_main_process, initial=len(losses))
@@ -541,6 +549,11 @@ def _train(
             local = torch.arange(rank, len(rows), world)
             optimizer.zero_grad(set_to_none=True)
             loss = step_fn(model, accelerator, _Batch(len(losses), rows, local))
+            if not math.isfinite(loss):  # the global batch's loss: every process stops here alike
+                raise NonFiniteLossError(
+                    f"the fine-tuning loss is {loss} at step {len(losses)}; no update was made. Lower the "
+                    f"learning rate (lr={config.lr}) or look for broken images"
+                )
             optimizer.step()
             scheduler.step()
             if after_update is not None:
@@ -553,25 +566,43 @@ def _train(
                 bar.set_postfix(loss=f"{loss:.3f}")
         if checkpoint_dir is not None:
             if accelerator.is_main_process:
-                _save_epoch(checkpoint_dir, epoch + 1, module, optimizer, scheduler, g, losses, ema)
+                _save_epoch(checkpoint_dir, epoch + 1, module, optimizer, scheduler, g, losses, ema, key)
             accelerator.wait_for_everyone()
     if bar is not None:
         bar.close()
+    # prepare() moved the module to the accelerator's device and, with mixed precision, wrapped its
+    # forward in autocast: undo both, so the result evaluates and mixes (WiSE-FT) like any model.
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False).to(home)
     if ema is not None:
         module.load_state_dict(ema)
     return losses
 
 
+def _run_key(module: nn.Module, train: LoadedImages, config: FinetuneConfig) -> dict:
+    """What a checkpoint must agree on to be resumed: the settings, the model kind and the data's size
+    and classes (the progress bar aside)."""
+    settings = {k: v for k, v in asdict(config).items() if k != "progress"}
+    return {"config": settings, "module": type(module).__name__, "images": len(train), "classes": list(train.class_names)}
+
+
 # ---- augmentation and mixing ----------------------------------------------------------------------
-def _train_images(train: LoadedImages, config: FinetuneConfig, batch: _Batch) -> Tensor:
-    """This process's images of the batch, augmented when `config.augment` is on."""
-    images = train.images[batch.rows[batch.local]]
+def _train_images(train: LoadedImages, config: FinetuneConfig, batch: _Batch, positions: Tensor) -> Tensor:
+    """The images at `positions` of the global batch, augmented when `config.augment` is on."""
+    images = train.images[batch.rows[positions]]
     if not config.augment:
         return images
     # Drawn for the whole global batch from (seed, step): the same image gets the same change whatever
     # the number of processes, and a resumed run draws what the uninterrupted one drew.
     params = augment_params(len(batch.rows), seed=config.seed, step=batch.step)
-    return augment_images(images, params[batch.local])
+    return augment_images(images, params[positions])
+
+
+@dataclass(frozen=True)
+class _Partners:
+    """The images (built only when mixing needs them) and labels each image of a batch is mixed with."""
+
+    images: Callable[[], Tensor]
+    labels: Tensor
 
 
 def augment_params(n: int, *, seed: int, step: int) -> Tensor:
@@ -605,28 +636,31 @@ def augment_images(images: Tensor, params: Tensor) -> Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _mixed_loss(classifier: nn.Module, images: Tensor, labels: Tensor, config: FinetuneConfig, step: int) -> Tensor:
-    """The summed cross-entropy (with label smoothing) of the batch, on mixup'd or cutmix'd pairs when
-    those are on: each image is mixed with the one at the mirrored position of the batch."""
+def _mixed_loss(
+    classifier: nn.Module, images: Tensor, labels: Tensor, partners: _Partners, config: FinetuneConfig, step: int
+) -> Tensor:
+    """The summed cross-entropy (with label smoothing) of the batch, on images mixed with their
+    `partners` (mixup or cutmix) when those are on."""
     ce = partial(F.cross_entropy, label_smoothing=config.label_smoothing, reduction="sum")
     use_mixup, use_cutmix = config.mixup_alpha > 0, config.cutmix_alpha > 0
-    if not (use_mixup or use_cutmix) or len(images) < 2:
+    if not (use_mixup or use_cutmix):
         return ce(classifier(images), labels)
     # Drawn from (seed, step), not from a running generator: a resumed run draws the same ones.
     rng = np.random.default_rng((config.seed, step))
     cutmix = use_cutmix and (not use_mixup or rng.random() < 0.5)  # both on: one or the other, as timm does
     lam = float(rng.beta(*(2 * [config.cutmix_alpha if cutmix else config.mixup_alpha])))
+    other = partners.images()
     if cutmix:
-        images, lam = _cutmix(images, lam, rng)
+        images, lam = _cutmix(images, other, lam, rng)
     else:
-        images = lam * images + (1 - lam) * images.flip(0)
+        images = lam * images + (1 - lam) * other
     logits = classifier(images)
-    return lam * ce(logits, labels) + (1 - lam) * ce(logits, labels.flip(0))
+    return lam * ce(logits, labels) + (1 - lam) * ce(logits, partners.labels)
 
 
-def _cutmix(images: Tensor, lam: float, rng: np.random.Generator) -> tuple[Tensor, float]:
-    """Pastes a box of (1 - lam) of the area from the mirrored image (Yun et al. 2019); returns the mixed
-    images and lam corrected to the box's real area after clipping at the border."""
+def _cutmix(images: Tensor, other: Tensor, lam: float, rng: np.random.Generator) -> tuple[Tensor, float]:
+    """Pastes a box of (1 - lam) of the area from `other` into `images` (Yun et al. 2019); returns the
+    mixed images and lam corrected to the box's real area after clipping at the border."""
     H, W = images.shape[-2:]
     cut = math.sqrt(1 - lam)
     h, w = int(H * cut), int(W * cut)
@@ -634,15 +668,16 @@ def _cutmix(images: Tensor, lam: float, rng: np.random.Generator) -> tuple[Tenso
     top, bottom = max(cy - h // 2, 0), min(cy + h // 2, H)
     left, right = max(cx - w // 2, 0), min(cx + w // 2, W)
     mixed = images.clone()
-    mixed[:, :, top:bottom, left:right] = images.flip(0)[:, :, top:bottom, left:right]
+    mixed[:, :, top:bottom, left:right] = other[:, :, top:bottom, left:right]
     return mixed, 1 - (bottom - top) * (right - left) / (H * W)
 
 
 @torch.no_grad()
 def _update_ema(ema: dict[str, Tensor], module: nn.Module, decay: float) -> None:
+    # The EMA stays where it was made (the CPU) while the module trains on the accelerator's device.
     for k, v in module.state_dict().items():
         if v.is_floating_point():
-            ema[k].lerp_(v, 1 - decay)
+            ema[k].lerp_(v.detach().to(ema[k].device, ema[k].dtype), 1 - decay)
         else:
             ema[k].copy_(v)
 
@@ -653,7 +688,15 @@ CHECKPOINT_FILE = "finetune_state.pt"
 
 
 def _save_epoch(
-    directory: Path, epoch: int, module: nn.Module, optimizer, scheduler, g: torch.Generator, losses: list[float], ema=None
+    directory: Path,
+    epoch: int,
+    module: nn.Module,
+    optimizer,
+    scheduler,
+    g: torch.Generator,
+    losses: list[float],
+    ema=None,
+    key: dict | None = None,
 ) -> Path:
     from vlm.checkpoint import atomic_path
 
@@ -661,6 +704,7 @@ def _save_epoch(
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "epoch": epoch,
+        "run": json.dumps(key, sort_keys=True),
         "model": module.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -675,21 +719,27 @@ def _save_epoch(
 
 
 def _resume(
-    directory: Path | None, module: nn.Module, optimizer, scheduler, g: torch.Generator, losses: list[float], ema=None
+    directory: Path | None, key: dict, module: nn.Module, optimizer, scheduler, g: torch.Generator, losses: list[float], ema=None
 ) -> int:
-    """Restores the last epoch's checkpoint if `directory` holds one; returns the epoch to start at."""
+    """Restores the last epoch's checkpoint if `directory` holds one; returns the epoch to start at.
+    A checkpoint of another run (other settings, model kind or data) is refused, not resumed."""
     path = Path(directory) / CHECKPOINT_FILE if directory is not None else None
     if path is None or not path.is_file():
         return 0
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(state.get("run") or "null")
+    if saved != json.loads(json.dumps(key, sort_keys=True)):
+        changed = sorted(k for k in set(saved or {}) | set(key) if (saved or {}).get(k) != key.get(k))
+        raise ValueError(
+            f"{path} is the checkpoint of a different fine-tuning run (it differs in: {', '.join(changed)}); "
+            f"delete {path.parent} to start afresh, or write to another --output"
+        )
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     g.set_state(state["generator"])
     losses.extend(state["losses"])
     if ema is not None:
-        if state.get("ema") is None:
-            raise ValueError(f"{path} was saved without a weight EMA but ema_decay is set; resume with the same settings")
         ema.update(state["ema"])
     logger.info("resumed fine-tuning from %s after epoch %d", path, state["epoch"])
     return int(state["epoch"])

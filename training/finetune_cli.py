@@ -31,10 +31,11 @@ def _splits(args: argparse.Namespace) -> tuple[str, str]:
     )
 
 
-def _labelled(spec: str, split: str | None, args: argparse.Namespace):
+def _labelled(spec: str, split: str | None, args: argparse.Namespace, class_names=None):
+    """The labelled images `spec` names; classes ordered by `class_names`, else by --class-names."""
     from vlm.evaluation import open_labelled
 
-    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    names = class_names or ([n.strip() for n in args.class_names.split(",")] if args.class_names else None)
     return open_labelled(
         spec, split=split, image_column=args.image_column, label_column=args.label_column, class_names=names
     )
@@ -69,7 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="test", help="held-out split of a Hugging Face dataset")
     p.add_argument("--image-column", default="image", help="image column of a table or a Hugging Face dataset")
     p.add_argument("--label-column", default="label", help="label column of a table or a Hugging Face dataset")
-    p.add_argument("--class-names", default=None, help="comma-separated class names: of a table's integer labels 0, 1, ..., or the order of the class folders")
+    p.add_argument(
+        "--class-names",
+        default=None,
+        help="comma-separated class names, in order: names a table's integer labels 0, 1, ..., and orders string "
+        "labels and class folders (a Hugging Face dataset's ClassLabel names its own)",
+    )
     p.add_argument("--output", required=True, help="directory the classifier, metrics.json and sweep.png go to")
     p.add_argument("--mode", choices=MODES, default="full")
     p.add_argument("--head-init", choices=HEAD_INITS, default="zeroshot")
@@ -121,7 +127,9 @@ def finetune_main(argv: list[str]) -> int:
     progress = not args.no_progress
     size = args.image_size
     train = load_images(_labelled(train_spec, args.split, args), model.config, image_size=size, progress=progress)
-    test = load_images(_labelled(test_spec, args.eval_split, args), model.config, image_size=size, progress=progress)
+    # The held-out data takes the training classes' order (a table may lack a class, or list them otherwise).
+    held_out = _labelled(test_spec, args.eval_split, args, class_names=train.class_names)
+    test = load_images(held_out, model.config, image_size=size, progress=progress)
     if test.class_names != train.class_names:
         raise ValueError(
             f"the held-out data {test_spec} has classes {list(test.class_names)} and the training data {train_spec} "

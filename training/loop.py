@@ -123,13 +123,14 @@ def resolve_mixed_precision(requested: str) -> str:
     return requested
 
 
-def make_accelerator(config: TrainConfig):
-    """An `accelerate.Accelerator` with the config's mixed precision ("auto": bf16 or fp16 on a GPU, none
-    on CPU); ValueError for fp16 without a GPU. Imports accelerate when called."""
+def make_accelerator(config: TrainConfig | str):
+    """An `accelerate.Accelerator` with the config's mixed precision, or the precision named ("auto":
+    bf16 or fp16 on a GPU, none on CPU); ValueError for fp16 without a GPU. Imports accelerate when called."""
     from accelerate import Accelerator
 
+    precision = config if isinstance(config, str) else config.mixed_precision
     # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
-    return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), step_scheduler_with_optimizer=False)
+    return Accelerator(mixed_precision=resolve_mixed_precision(precision), step_scheduler_with_optimizer=False)
 
 
 def prepare(config: TrainConfig) -> Run:

@@ -11,7 +11,8 @@
    and makes the trained model the default for `vlm classify`, `vlm search` and `vlm serve`.
 
 Everything goes under ``--output`` (default ``runs/demo``); a rerun continues the finished training
-run instead of repeating it. ``--quick`` is a reduced run (a few minutes less training) for tests.
+run instead of repeating it. ``--quick`` is the reduced run the tests use (60 training steps and 2
+fine-tuning epochs: about 35 s against about 80 s on 2 CPU cores).
 """
 
 from __future__ import annotations

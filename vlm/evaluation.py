@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -77,10 +78,10 @@ def labelled_folder(root: str | os.PathLike, *, class_names: Sequence[str] | Non
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if class_names is not None:
         found = {p.name: p for p in class_dirs}
-        if set(found) != set(class_names):
+        if set(found) != set(class_names) or len(set(class_names)) != len(class_names):
             raise ValueError(
                 f"{root} has class folders {sorted(found)}, but the classes are {list(class_names)}; "
-                "give a folder with one subfolder per class name"
+                "give a folder with one subfolder per class name, each name once"
             )
         class_dirs = [found[name] for name in class_names]
     paths, labels = [], []
@@ -128,9 +129,10 @@ def labelled_table(
 ) -> LabelledImages:
     """A table (CSV, TSV, JSON Lines, JSON, Parquet) with an image-path column and a label column.
 
-    Relative image paths are taken from the table's folder. Labels that are all integers index
-    `class_names` (when given; else each class is named by its number); other labels are class names,
-    sorted, unless `class_names` gives their order."""
+    Relative image paths are taken from the table's folder. Labels that are all among `class_names`
+    are those classes. Otherwise labels that are all integers index `class_names` (when given; else each
+    class is named by its number), and other labels are class names, sorted unless `class_names` gives
+    their order. An empty label is an error naming its row."""
     from .tables import read_table, resolve_image_path
 
     path = Path(path)
@@ -143,25 +145,45 @@ def labelled_table(
                 f"the table {path} has no column {column!r} (columns: {', '.join(rows[0])}); "
                 "name the right ones with --image-column / --label-column"
             )
-    values = [str(row[label_column]).strip() for row in rows]
-    if all(v.lstrip("-").isdigit() for v in values):
-        labels = tuple(int(v) for v in values)
-        names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(max(labels) + 1))
-        bad = [v for v in labels if not 0 <= v < len(names)]
-        if bad:
-            raise ValueError(
-                f"{path}: label {bad[0]} is outside the {len(names)} class names; give one name per label "
-                "0..max with --class-names"
-            )
-    else:
-        names = tuple(class_names) if class_names is not None else tuple(sorted(set(values)))
-        index = {name: i for i, name in enumerate(names)}
-        unknown = sorted(set(values) - set(index))
-        if unknown:
-            raise ValueError(f"{path}: labels {unknown[:5]} are not among the class names {list(names)}")
-        labels = tuple(index[v] for v in values)
+    labels, names = _table_labels(path, label_column, [row[label_column] for row in rows], class_names)
     paths = [resolve_image_path(str(row[image_column]), path.parent) for row in rows]
     return LabelledImages(ImageCollection(paths, paths), labels, names)
+
+
+def _table_labels(
+    path: Path, column: str, values: list[Any], class_names: Sequence[str] | None
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The label ids and class names of a table's label column (see `labelled_table`)."""
+    texts = []
+    for row, value in enumerate(values, start=1):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # Parquet and JSON may hold 3 as 3.0
+        text = "" if value is None else str(value).strip()
+        if not text:
+            raise ValueError(f"{path}: row {row} has an empty {column!r}; give every image a label, or drop the row")
+        texts.append(text)
+    if class_names is not None and len(set(class_names)) != len(class_names):
+        raise ValueError(f"the class names {list(class_names)} repeat a name; give each class once")
+    if class_names is not None and set(texts) <= set(class_names):
+        index = {name: i for i, name in enumerate(class_names)}
+        return tuple(index[t] for t in texts), tuple(class_names)
+    if all(re.fullmatch(r"-?[0-9]+", t) for t in texts):
+        labels = tuple(int(t) for t in texts)
+        if min(labels) < 0:
+            raise ValueError(f"{path}: label {min(labels)} is negative; integer labels number the classes 0, 1, ...")
+        names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(max(labels) + 1))
+        if max(labels) >= len(names):
+            raise ValueError(
+                f"{path}: label {max(labels)} is outside the {len(names)} class names; give one name per label "
+                "0..max with --class-names"
+            )
+        return labels, names
+    names = tuple(class_names) if class_names is not None else tuple(sorted(set(texts)))
+    unknown = sorted(set(texts) - set(names))
+    if unknown:
+        raise ValueError(f"{path}: labels {unknown[:5]} are not among the class names {list(names)}")
+    index = {name: i for i, name in enumerate(names)}
+    return tuple(index[t] for t in texts), names
 
 
 def open_labelled(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,7 +55,7 @@ class Grid:
 
 @dataclass(frozen=True)
 class Section:
-    """A heading, a paragraph, and any of figures, tables and grids, in that order."""
+    """A heading, a paragraph, and any of tables, figures and grids, in that order."""
 
     title: str
     text: str = ""
@@ -64,6 +65,7 @@ class Section:
     code: str = ""  # shown as a command block at the end
 
 
+GENERATOR = '<meta name="generator" content="vlm.report">'
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; } .sub { color: #666; margin-top: 0; }
@@ -84,11 +86,20 @@ def write_report(
     directory: str | os.PathLike, title: str, sections: Sequence[Section], *, subtitle: str = ""
 ) -> Path:
     """Writes `directory/index.html` and copies every figure and thumbnail into `directory/files/`;
-    returns the path of index.html. Files are copied, not linked: the folder stands alone. A previous
-    report's `files/` folder is replaced, so a rewritten report holds only what it shows."""
+    returns the path of index.html. Files are copied, not linked: the folder stands alone.
+
+    A missing image raises FileNotFoundError before anything is written. A previous report's `files/`
+    is replaced, so a rewritten report holds only what it shows; a `files/` folder that no report
+    wrote is left alone (FileExistsError)."""
     directory = Path(directory)
+    missing = [p for p in _images(sections) if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"the report shows {missing[0]}, which does not exist")
     files = directory / "files"
-    if files.is_dir():
+    if files.exists():
+        index = directory / "index.html"
+        if not (index.is_file() and GENERATOR in index.read_text(encoding="utf-8", errors="replace")):
+            raise FileExistsError(f"{files} exists and was not written by a report; write the report to another folder")
         shutil.rmtree(files)
     files.mkdir(parents=True)
     assets = _Assets(files)
@@ -96,7 +107,7 @@ def write_report(
     body = [f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(subtitle)}{" · " if subtitle else ""}{stamp}</p>']
     body += [_section(s, assets) for s in sections]
     page = (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
@@ -115,12 +126,15 @@ class _Assets:
     def link(self, source: Path) -> str:
         source = Path(source).resolve()
         if source not in self.copied:
-            if not source.is_file():
-                raise FileNotFoundError(f"the report shows {source}, which does not exist")
-            name = f"{len(self.copied):04d}-{source.name}"
+            # Only characters that need no quoting in a URL or an HTML attribute.
+            name = f"{len(self.copied):04d}-{re.sub(r'[^A-Za-z0-9._-]', '_', source.name)}"
             shutil.copyfile(source, self.folder / name)
             self.copied[source] = f"{self.folder.name}/{name}"
         return self.copied[source]
+
+
+def _images(sections: Sequence[Section]) -> list[Path]:
+    return [f.path for s in sections for f in s.figures] + [t.path for s in sections for g in s.grids for t in g.tiles]
 
 
 def _e(text: object) -> str:

@@ -166,10 +166,16 @@ def eval_zeroshot_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .evaluation import evaluate_zeroshot
 
-    data = _labelled(args.data, args.split, args)
-    train = _labelled(args.train, args.train_split, args) if args.train and not args.no_probe else None
     model = load_model_from_args(args)
-    classifier = _classifier_from_args(args, model, default_classes=list(data.class_names))
+    classifier = None
+    if args.classifier or args.labels is not None or args.labels_file:
+        classifier = _classifier_from_args(args, model)
+    # A table's integer labels number the classifier's classes; its string labels are matched by name.
+    names = list(classifier.class_names) if classifier is not None else None
+    data = _labelled(args.data, args.split, args, names)
+    train = _labelled(args.train, args.train_split, args, names) if args.train and not args.no_probe else None
+    if classifier is None:
+        classifier = _classifier_from_args(args, model, default_classes=list(data.class_names))
     evaluation = evaluate_zeroshot(
         model,
         classifier,
@@ -189,10 +195,14 @@ def eval_zeroshot_main(argv: list[str]) -> int:
     return 0
 
 
-def _labelled(spec: str, split: str | None, args: argparse.Namespace) -> Any:
+def _labelled(spec: str, split: str | None, args: argparse.Namespace, table_classes: list[str] | None = None) -> Any:
     from .evaluation import open_labelled
+    from .tables import is_table
 
-    return open_labelled(spec, split=split, image_column=args.image_column, label_column=args.label_column)
+    # Only a table takes the classifier's names: a folder or dataset names its own classes, which may
+    # be a subset of the classifier's.
+    names = table_classes if is_table(spec) else None
+    return open_labelled(spec, split=split, image_column=args.image_column, label_column=args.label_column, class_names=names)
 
 
 def explain_main(argv: list[str]) -> int:
