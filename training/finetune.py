@@ -471,7 +471,9 @@ def _classifier_step(train: LoadedImages, config: FinetuneConfig):
         # Mixup and cutmix pair each image with the one at the mirrored position of the global batch,
         # so the pairs do not depend on how the batch is split across processes.
         mirror = len(batch.rows) - 1 - batch.local
-        partners = _Partners(lambda: _train_images(train, config, batch, mirror).to(device), train.labels[batch.rows[mirror]].to(device))
+        partners = _Partners(
+            lambda: _train_images(train, config, batch, mirror).to(device), train.labels[batch.rows[mirror]].to(device)
+        )
         with accelerator.autocast():
             summed = _mixed_loss(model, images, labels, partners, config, batch.step)
         # DistributedDataParallel averages the processes' gradients: scaling each process's sum by

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import load
 from .report import Figure, Grid, Section, Table, Tile, write_report
 from .sample_data import DIGIT_NAMES, DigitsData
 
@@ -83,9 +84,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> DemoResult:
 
     _banner("1/5 train", "a small CLIP from scratch on image-caption pairs")
     run = clock.time("train", _train, data, out, options)
-    import vlm
-
-    model = vlm.load(run.model_dir).eval()
+    model = load(run.model_dir).eval()
     result = DemoResult(run.model_dir, out / "classifier", out / "index", out / "report" / "index.html")
     sections = [_training_section(run)]
 
