@@ -33,6 +33,8 @@ __all__ = [
     "classify_images",
     "format_predictions",
     "image_files",
+    "HF_PREFIX",
+    "is_hf_spec",
     "is_saved_hf_dataset",
     "load_hf_dataset",
 ]
@@ -40,6 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("table", "jsonl", "csv")
+HF_PREFIX = "hf:"  # how the command line names a Hugging Face dataset: hf:NAME_OR_DIR
 # Rows scored at a time when turning embeddings into top-k labels: bounds the (rows, C) score matrix.
 _SCORE_ROWS = 4096
 
@@ -117,12 +120,20 @@ def is_saved_hf_dataset(path: str | os.PathLike) -> bool:
     return (Path(path) / "dataset_dict.json").is_file() or (Path(path) / "state.json").is_file()
 
 
+def is_hf_spec(spec: str | os.PathLike) -> bool:
+    """Whether a command-line `spec` names a Hugging Face dataset: ``hf:NAME_OR_DIR``, or a directory
+    written by `save_to_disk`."""
+    text = str(spec)
+    return text.startswith(HF_PREFIX) or (Path(text).is_dir() and is_saved_hf_dataset(text))
+
+
 def load_hf_dataset(spec: str | os.PathLike, split: str | None = None) -> Any:
     """A `datasets.Dataset` from a directory written by `save_to_disk` (a Dataset, or a DatasetDict with
     `split`), or any name or path `datasets.load_dataset` takes (``imagefolder`` directories, hub names
     when online)."""
     import datasets
 
+    spec = str(spec).removeprefix(HF_PREFIX)
     if is_saved_hf_dataset(spec):
         data = datasets.load_from_disk(str(spec))
     else:

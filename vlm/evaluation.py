@@ -53,7 +53,6 @@ logger = logging.getLogger(__name__)
 # Inverse regularisation strengths the probe chooses from by cross-validation (features are standardised).
 PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
 PROBE_FOLDS = 5
-HF_PREFIX = "hf:"
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -197,12 +196,12 @@ def open_labelled(
     """Labelled images named the way the CLI takes them: ``hf:NAME_OR_DIR`` (or a `save_to_disk`
     directory) for a Hugging Face dataset (its `split`), a table file, or a folder of class folders.
     `class_names` orders a table's or a folder's classes (a dataset's `ClassLabel` names its own)."""
-    from .classify import is_saved_hf_dataset, load_hf_dataset
+    from .classify import is_hf_spec, load_hf_dataset
     from .tables import is_table
 
     text = str(spec)
-    if text.startswith(HF_PREFIX) or (Path(text).is_dir() and is_saved_hf_dataset(text)):
-        dataset = load_hf_dataset(text.removeprefix(HF_PREFIX), split)
+    if is_hf_spec(text):
+        dataset = load_hf_dataset(text, split)
         return labelled_hf_dataset(dataset, image_column=image_column, label_column=label_column, prefix=split or "dataset")
     if is_table(text):
         return labelled_table(text, image_column=image_column, label_column=label_column, class_names=class_names)

@@ -21,9 +21,6 @@ from .cli import add_model_argument, load_model_from_args
 
 __all__ = ["classify_main", "eval_zeroshot_main", "explain_main"]
 
-HF_PREFIX = "hf:"
-
-
 def _add_classifier_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,car"')
@@ -61,30 +58,18 @@ def _classifier_from_args(args: argparse.Namespace, model: Any, default_classes:
     return classifier
 
 
-def _is_hf(spec: str) -> bool:
-    from .classify import is_saved_hf_dataset
-
-    return spec.startswith(HF_PREFIX) or is_saved_hf_dataset(spec)
-
-
-def _hf_dataset(spec: str, split: str | None) -> Any:
-    from .classify import load_hf_dataset
-
-    return load_hf_dataset(spec.removeprefix(HF_PREFIX), split)
-
-
 def _collection(args: argparse.Namespace) -> Any:
-    from .classify import HFImageColumn, image_files
+    from .classify import HFImageColumn, image_files, is_hf_spec, load_hf_dataset
 
     inputs = list(args.images)
     if args.list:
         lines = Path(args.list).read_text(encoding="utf-8").splitlines()
         inputs += [line.strip() for line in lines if line.strip()]
-    hf = [spec for spec in inputs if _is_hf(spec)]
+    hf = [spec for spec in inputs if is_hf_spec(spec)]
     if hf and len(inputs) > 1:
         raise ValueError(f"give a Hugging Face dataset ({hf[0]}) alone, not together with other images")
     if hf:
-        return HFImageColumn(_hf_dataset(hf[0], args.split), args.image_column).collection(args.split or "dataset")
+        return HFImageColumn(load_hf_dataset(hf[0], args.split), args.image_column).collection(args.split or "dataset")
     if not inputs:
         raise ValueError("no images given; name image files or folders, or --list FILE")
     return image_files(inputs)
