@@ -27,3 +27,19 @@ def make_text(batch: int, context_length: int, lengths: list[int] | None = None,
         text[i, :n] = torch.randint(1, vocab - 2, (n,), generator=g)
         text[i, 0], text[i, n - 1] = vocab - 2, vocab - 1
     return text
+
+
+@pytest.fixture(scope="session")
+def doc_corpus() -> list[str]:
+    """The distinct docstring lines `test_tokenizer` gathers: some 10,000."""
+    from test_tokenizer import doc_lines, docstrings
+
+    return list(dict.fromkeys(doc_lines(docstrings(), 20_000)))
+
+
+@pytest.fixture(scope="session")
+def layouts(tmp_path_factory, doc_corpus):
+    """One folder of tokenizer files per family layout (`vocabularies.build_layouts`), built once per session."""
+    from vocabularies import build_layouts
+
+    return build_layouts(tmp_path_factory.mktemp("hf_layouts"), doc_corpus)

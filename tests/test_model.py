@@ -1,5 +1,6 @@
 """Every preset: forward, backward, fused vs reference attention, checkpointing, shapes."""
 
+import dataclasses
 import math
 
 import pytest
@@ -16,14 +17,18 @@ BIG = [name for name in vlm.list_presets() if name not in TINY]
 
 
 def _shrunk(name: str) -> CLIPConfig:
-    """A big preset with one block per tower: same widths, heads, patch and image size."""
+    """A big preset with one block per tower and at most 1000 token embeddings: same widths, heads, patch
+    and image size, pooling and projections."""
     config = vlm.get_preset(name)
-    return config.replace(vision={"depth": 1}, text={"depth": 1})
+    return config.replace(vision={"depth": 1}, text={"depth": 1, "vocab_size": min(1000, config.text.vocab_size)})
 
 
 def _inputs(config: CLIPConfig, batch: int = 2):
     images = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size)
-    return images, make_text(batch, config.text.context_length)
+    text = make_text(batch, config.text.context_length, vocab=config.text.vocab_size)
+    if config.text.eot_id is not None:  # end each text with the id the tower pools at
+        text[text == config.text.vocab_size - 1] = config.text.eot_id
+    return images, text
 
 
 def _forward_backward(model, images, text):
@@ -51,16 +56,20 @@ def test_forward_backward_every_parameter_gets_gradient(name):
 
 
 @pytest.mark.parametrize("name", BIG)
-def test_big_presets_match_open_clip_shapes(name):
-    """The full-depth presets, built on the meta device, have open_clip's parameter count."""
+def test_big_presets_match_open_clip(name):
+    """The full-depth presets, built on the meta device, have open_clip's parameter count, and the config vlm
+    reads from open_clip's model (with the preprocessing of its first pretrained tag) is the preset."""
     import open_clip
 
     ours = vlm.create_model(name, device="meta")
-    oc_name = name
-    theirs = open_clip.create_model(oc_name, device="meta")
+    tags = [tag for model, tag in open_clip.list_pretrained() if model == name]
+    pretrained = open_clip.get_pretrained_cfg(name, tags[0]) if tags else {}
+    preprocess = {k: pretrained[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained}
+    with torch.device("meta"):  # open_clip builds on the CPU and then moves: giant towers would take a minute
+        theirs = open_clip.create_model(name, device="meta", force_preprocess_cfg=preprocess)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(ours) == count(theirs)
-    assert vlm.convert.config_from_open_clip(theirs) == ours.config
+    assert vlm.convert.config_from_open_clip(theirs, vlm.convert.open_clip_model_config(name)) == ours.config
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -185,14 +194,76 @@ def test_logit_scale_and_bias_initialisation():
     [
         (dict(width=100, num_heads=3), "divisible"),
         (dict(patch_size=0), "patch_size must be a positive integer"),
-        (dict(image_size=100, patch_size=32), "multiple of patch_size"),
+        (dict(image_size=16, patch_size=32), "larger than image_size"),
         (dict(activation="relu"), "activation must be one of"),
         (dict(image_mean=(0.5, 0.5)), "one value per RGB channel"),
+        (dict(pool="cls"), "pool must be one of token, avg, map, none"),
+        (dict(class_token=False), "pool='token' reads the class token"),
+        (dict(proj="mlp"), "proj must be one of linear, linear_bias, none"),
+        (dict(norm_pre=1), "norm_pre must be true or false"),
+        (dict(layer_scale=0.0), "layer_scale must be None"),
+        (dict(pos_embed_resample="nearest"), "pos_embed_resample must be one of"),
     ],
 )
 def test_vision_config_validation_names_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VisionConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(pool="mean"), "pool must be one of eot, last, first"),
+        (dict(eot_id=49408), r"eot_id must be a token id in \[0, vocab_size=49408\)"),
+        (dict(pad_id=-1), "pad_id must be a token id"),
+        (dict(causal="yes"), "causal must be true or false"),
+        (dict(tokenizer_clean="upper"), "tokenizer_clean must be one of lower, canonicalize, whitespace"),
+        (dict(tokenizer_clean="canonicalize"), "CLIP's byte-pair tokenizer .* cleans with 'lower'"),
+        (dict(tokenizer="google/siglip-base-patch16-224"), "set eot_id to its end-of-text id"),
+        (dict(tokenizer=""), "TextConfig.tokenizer must be"),
+    ],
+)
+def test_text_config_validation_names_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TextConfig(**kwargs)
+
+
+def test_projection_none_needs_the_embedding_width():
+    with pytest.raises(ValueError, match=r"vision.proj='none' .* vision.width \(64\) must equal embed_dim \(32\)"):
+        vlm.get_preset("tiny-siglip").replace(embed_dim=32)
+
+
+def test_configs_saved_before_the_family_options_load_as_clip(tmp_path):
+    """A config.json without the options added for SigLIP and co. reads as the CLIP it was."""
+    data = vlm.get_preset("tiny").to_dict()
+    for tower, names in vlm.config._ADDED_FIELDS.items():
+        for name in names:
+            data[tower].pop(name)
+    assert CLIPConfig.from_dict(data) == vlm.get_preset("tiny")
+
+
+def test_bidirectional_text_runs_every_position_and_padding_changes_it():
+    """The short path is only for causal towers: without the causal mask, padding after the text is seen."""
+    causal, bidirectional = vlm.create_model("tiny").eval(), vlm.create_model("tiny-clipa").eval()
+    text = make_text(2, 32, lengths=[4, 7])
+    assert causal.text.embed(text).shape[1] == 7
+    assert bidirectional.text.embed(text).shape[1] == 32
+    padded = text.clone()
+    padded[:, 20:] = 5
+    with torch.no_grad():
+        torch.testing.assert_close(causal.encode_text(text), causal.encode_text(padded))
+        assert not torch.allclose(bidirectional.encode_text(text), bidirectional.encode_text(padded))
+
+
+@pytest.mark.parametrize("pool, expected", [("eot", [3, 6]), ("first", [0, 0]), ("last", [31, 31])])
+def test_text_pool_positions(pool, expected):
+    config = vlm.get_preset("tiny").text
+    tower = vlm.text.TextTower(dataclasses.replace(config, pool=pool), 64)
+    text = make_text(2, 32, lengths=[4, 7])
+    assert tower.pool_positions(text).tolist() == expected
+    explicit = vlm.text.TextTower(dataclasses.replace(config, eot_id=7), 64)
+    text[0, 2] = text[1, 5] = 7
+    assert explicit.pool_positions(text).tolist() == [2, 5]
 
 
 def test_config_dict_round_trip_and_unknown_keys():

@@ -63,7 +63,7 @@ def _transform(train=False):
 
 
 def _loader(source, **kw):
-    opts = dict(local_batch=4, image_size=32, context_length=32, seed=0)
+    opts = dict(local_batch=4, image_size=32, tokenizer=vlm.get_tokenizer(32), seed=0)
     opts.update(kw)
     return build_loader(source, _transform(train=True), **opts)
 

@@ -180,11 +180,13 @@ def test_weight_decay_only_on_matrices():
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert "visual.proj.weight" in decayed and "text.transformer.blocks.0.attn.q_proj.weight" in decayed
+    assert "text.proj.weight" in decayed and "text.transformer.blocks.0.attn.q_proj.weight" in decayed
+    assert "visual.attn_pool.mlp.fc1.weight" in decayed
     for name in (
         "text.token_embed.weight",
         "visual.pos_embed",
-        "visual.class_token",
+        "visual.attn_pool.probe",
+        "text.proj.bias",
         "logit_scale",
         "logit_bias",
         "visual.norm.weight",

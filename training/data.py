@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm.data import Failure
 from vlm.images import ImageLoadError, load_image
-from vlm.tokenizer import get_tokenizer
+from vlm.hf_tokenizer import HFTokenizer
+from vlm.tokenizer import Tokenizer
 
 from .sources import MapSource, Record, StreamSource
 
@@ -167,11 +168,13 @@ def _caption_problem(text: Any) -> str | None:
 
 
 class collate_pairs:
-    """Stacks the usable samples and tokenizes their captions; lists the rest as failures."""
+    """Stacks the usable samples and tokenizes their captions with the model's tokenizer; lists the rest as
+    failures."""
 
-    def __init__(self, image_size: int, context_length: int) -> None:
+    def __init__(self, image_size: int, tokenizer: Tokenizer | HFTokenizer) -> None:
         self.image_size = image_size
-        self.context_length = context_length
+        self.tokenizer = tokenizer
+        self.context_length = tokenizer.context_length
 
     def __call__(self, samples: list[Sample]) -> PairBatch:
         good = [s for s in samples if s.reason is None]
@@ -183,7 +186,7 @@ class collate_pairs:
             empty = torch.zeros(0, 3, size, size), torch.zeros(0, self.context_length, dtype=torch.long)
             return PairBatch(*empty, failures, position)
         images = torch.stack([s.image for s in good])
-        texts = get_tokenizer(self.context_length)([s.text for s in good])
+        texts = self.tokenizer([s.text for s in good])
         return PairBatch(images, texts, failures, position, [s.name for s in good])
 
 
@@ -264,7 +267,7 @@ def build_loader(
     *,
     local_batch: int,
     image_size: int,
-    context_length: int,
+    tokenizer: Tokenizer | HFTokenizer,
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
@@ -273,7 +276,8 @@ def build_loader(
     sample_timeout: float = 0.0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader of `PairBatch`es for this process, starting at `start`, running for ever."""
+    """A DataLoader of `PairBatch`es for this process, starting at `start`, running for ever; captions are
+    tokenized with `tokenizer` (the model's: `vlm.get_tokenizer(model)`)."""
     sampler = PairBatchSampler(
         source, local_batch=local_batch, rank=rank, world_size=world_size, seed=seed, start=start
     )
@@ -283,7 +287,7 @@ def build_loader(
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=collate_pairs(image_size, context_length),
+        collate_fn=collate_pairs(image_size, tokenizer),
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

@@ -379,7 +379,7 @@ def _freeze_blocks(classifier: ImageClassifier, unlocked_blocks: int | None) -> 
     if unlocked_blocks > len(blocks):
         raise ValueError(f"unlocked_blocks={unlocked_blocks} but the image tower has {len(blocks)} blocks; use at most {len(blocks)}")
     classifier.visual.requires_grad_(False)
-    for module in [*blocks[len(blocks) - unlocked_blocks :], classifier.visual.norm, classifier.visual.proj]:
+    for module in [*blocks[len(blocks) - unlocked_blocks :], *classifier.visual.head_modules()]:
         module.requires_grad_(True)
 
 

@@ -17,6 +17,7 @@ from vlm.checkpoint import load
 from vlm.config import PRESETS
 from vlm.data import FailureLog
 from vlm.model import CLIP, create_model
+from vlm.tokenizer import get_tokenizer
 from vlm.transforms import image_transform
 
 from .checkpointing import TrainerState, clean_partial, latest_checkpoint, load_checkpoint
@@ -227,7 +228,7 @@ def training_batches(run: Run, state: TrainerState) -> Iterator[PairBatch]:
         image_transform(model_config, train=data.augment),
         local_batch=data.batch_size // acc.num_processes,
         image_size=model_config.vision.image_size,
-        context_length=model_config.text.context_length,
+        tokenizer=get_tokenizer(run.clip),
         rank=acc.process_index,
         world_size=acc.num_processes,
         seed=cfg.seed,

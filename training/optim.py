@@ -60,7 +60,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: ScheduleConfig) ->
 
 def lock_image_tower(model: CLIP, unlocked_blocks: int = 0) -> None:
     """LiT: freeze the image tower, except its last `unlocked_blocks` blocks and, when any block is
-    unlocked, the final norm and projection that read their output."""
+    unlocked, the modules that read their output (final norm, attention pooling, projection)."""
     visual = model.visual
     blocks = visual.transformer.blocks
     if unlocked_blocks > len(blocks):
@@ -76,7 +76,7 @@ def lock_image_tower(model: CLIP, unlocked_blocks: int = 0) -> None:
     visual.requires_grad_(False)
     trainable: list[nn.Module] = list(blocks[len(blocks) - unlocked_blocks :]) if unlocked_blocks else []
     if unlocked_blocks:
-        trainable += [visual.norm, visual.proj]
+        trainable += visual.head_modules()
     for module in trainable:
         module.requires_grad_(True)
     frozen = sum(p.numel() for p in visual.parameters() if not p.requires_grad)

@@ -25,15 +25,19 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# A model with a Hugging Face tokenizer keeps a copy of its files here, so the directory works offline.
+TOKENIZER_DIR = "tokenizer"
 MODEL_TYPE = "vlm-clip"
 FORMAT_VERSION = 1
 
 
 def save_pretrained(model: CLIP, directory: str | Path) -> Path:
-    """Writes `config.json` and `model.safetensors` into `directory` (created if needed).
+    """Writes `config.json` and `model.safetensors` into `directory` (created if needed), and a copy of a
+    Hugging Face tokenizer's files into `directory/tokenizer/`.
 
     Each file is written aside and renamed into place, so a crash never leaves a half-written file
-    under the final name. Shared tensors (``share_transformer=True``) are stored once.
+    under the final name. Shared tensors (``share_transformer=True``) are stored once. When the tokenizer
+    files cannot be found (offline, never downloaded), the model is saved without them and a warning says so.
     """
     from safetensors.torch import save_model
 
@@ -44,7 +48,37 @@ def save_pretrained(model: CLIP, directory: str | Path) -> Path:
         save_model(model, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
     with atomic_path(directory / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
+    _save_tokenizer(model, directory / TOKENIZER_DIR)
     return directory
+
+
+def _save_tokenizer(model: CLIP, target: Path) -> None:
+    from .config import CLIP_TOKENIZER
+    from .tokenizer import get_tokenizer
+
+    if model.config.text.tokenizer == CLIP_TOKENIZER:
+        return
+    if model.tokenizer_path is not None and Path(model.tokenizer_path).resolve() == target.resolve():
+        return
+    try:
+        tokenizer = get_tokenizer(model)
+    except (OSError, ValueError) as err:
+        logger.warning("saved the model without its tokenizer files (%s); copy them into %s", err, target)
+        return
+    target.mkdir(exist_ok=True)
+    tokenizer.save(target)
+
+
+def tokenizer_dir(directory: str | Path) -> Path | None:
+    """Where a model directory keeps its Hugging Face tokenizer files: `directory/tokenizer/` (vlm's layout)
+    or `directory` itself (transformers' and open_clip's), or None when it holds none."""
+    from .hf_tokenizer import VOCABULARY_FILES
+
+    directory = Path(directory)
+    for candidate in (directory / TOKENIZER_DIR, directory):
+        if any((candidate / name).is_file() for name in VOCABULARY_FILES):
+            return candidate
+    return None
 
 
 class atomic_path:
@@ -121,6 +155,7 @@ def load_pretrained(
         load_model(model, str(weights), strict=True)
     except Exception as err:  # safetensors raises several types for damaged files
         raise ValueError(f"could not read weights from {weights}: {err}") from err
+    model.tokenizer_path = tokenizer_dir(directory)
     return model.to(device=device, dtype=dtype)
 
 
@@ -158,15 +193,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 
 def _from_state_dict(state: Mapping[str, Tensor], config: CLIPConfig, source: str) -> CLIP:
-    from .convert import detect_state_dict_format, from_open_clip, hf_state_dict_to_vlm, _load_into
+    from .convert import detect_state_dict_format, hf_state_dict_to_vlm, model_from_state, open_clip_state_dict_to_vlm
 
     kind = detect_state_dict_format(state)
-    if kind == "open_clip":
-        return from_open_clip(state, config)
-    converted = hf_state_dict_to_vlm(state, config) if kind == "hf" else dict(state)
-    model = CLIP(config, device="meta").to_empty(device="cpu")
     try:
-        return _load_into(model, converted)
+        if kind == "open_clip":
+            return model_from_state(config, open_clip_state_dict_to_vlm(state, config))
+        converted = hf_state_dict_to_vlm(state, config) if kind == "hf" else dict(state)
+        model = CLIP(config, device="meta").to_empty(device="cpu")
+        from .convert import load_into
+
+        return load_into(model, converted)
     except (ValueError, RuntimeError) as err:
         raise ValueError(f"{source}: {err}") from err
 
@@ -206,7 +243,10 @@ def _load(name: str, pretrained: str | Path | None, config: CLIPConfig | None) -
         return _from_state_dict(load_state_dict_file(path), config, str(path))
     if pretrained is not None and Path(pretrained).is_file():
         base = config or _config_for_name(name)
-        return _from_state_dict(load_state_dict_file(pretrained), base, str(pretrained))
+        model = _from_state_dict(load_state_dict_file(pretrained), base, str(pretrained))
+        # Hugging Face repos of open_clip models keep the tokenizer next to the weights.
+        model.tokenizer_path = tokenizer_dir(Path(pretrained).parent)
+        return model
     if name in PRESETS and pretrained is None:
         return create_model(config or get_preset(name))
     if pretrained is not None or name.startswith("hf-hub:"):
@@ -227,26 +267,31 @@ def _load_dir(path: Path) -> CLIP:
         return _load_open_clip(f"local-dir:{path}", None)
     if not config_path.is_file():
         raise ValueError(f"{path} holds no {CONFIG_NAME}; expected a directory written by save_pretrained")
+    from .convert import HF_FAMILIES, from_hf
+
     model_type = json.loads(config_path.read_text()).get("model_type")
     if model_type == MODEL_TYPE:
         return load_pretrained(path)
-    if model_type == "clip":
-        from .convert import from_hf
-
-        return from_hf(path)
-    raise ValueError(f"{config_path} has model_type {model_type!r}; vlm reads {MODEL_TYPE!r} and Hugging Face 'clip'")
+    if model_type in HF_FAMILIES:
+        model = from_hf(path)
+        model.tokenizer_path = tokenizer_dir(path)
+        return model
+    raise ValueError(
+        f"{config_path} has model_type {model_type!r}; vlm reads {MODEL_TYPE!r} and transformers' "
+        f"{', '.join(repr(t) for t in HF_FAMILIES)}"
+    )
 
 
 def _config_for_name(name: str) -> CLIPConfig:
     if name in PRESETS:
         return get_preset(name)
-    from .convert import config_from_open_clip
+    from .convert import config_from_open_clip, open_clip_model_config
 
     import open_clip
 
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model name {name!r}: not a vlm preset nor an open_clip model")
-    return config_from_open_clip(open_clip.create_model(name, device="meta"))
+    return config_from_open_clip(open_clip.create_model(name, device="meta"), open_clip_model_config(name))
 
 
 def _load_open_clip(name: str, pretrained: str | Path | None) -> CLIP:
@@ -261,4 +306,7 @@ def _load_open_clip(name: str, pretrained: str | Path | None) -> CLIP:
             f"open_clip could not provide {name!r} with pretrained={pretrained!r} ({err}); offline, the "
             "weights must already be in open_clip's cache or given as a local file"
         ) from err
-    return from_open_clip(oc_model)
+    model = from_open_clip(oc_model, model_name=name)
+    if name.startswith("local-dir:"):
+        model.tokenizer_path = tokenizer_dir(name[len("local-dir:") :])
+    return model

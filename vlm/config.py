@@ -23,10 +23,32 @@ __all__ = [
 # The normalisation constants every OpenAI / open_clip CLIP checkpoint was trained with.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP and SigLIP 2 map pixels to [-1, 1]; CLIPA uses ImageNet's statistics.
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ACTIVATIONS = ("gelu", "quick_gelu")
+# Exact GELU, GELU's tanh approximation (big_vision's default, SigLIP 2), QuickGELU (OpenAI's CLIP).
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "squash")
+# How the image tower reduces its tokens to one vector: the class token, the mean of the patch tokens,
+# a learned probe attending over the patch tokens (SigLIP's MAP head), or no pooling (every token).
+VISION_POOLS = ("token", "avg", "map", "none")
+# Where the text tower reads its vector: at the end-of-text token, at the last position (SigLIP, CLIPA:
+# the padding there sees the whole text through bidirectional attention) or at the first position.
+TEXT_POOLS = ("eot", "last", "first")
+# A tower's projection into the shared space: a matrix, a matrix with bias, or none (the pooled vector,
+# the output of SigLIP's MAP head, is the embedding; then width must equal embed_dim).
+PROJECTIONS = ("linear", "linear_bias", "none")
+# Resampling of position embeddings to another patch grid: bicubic (open_clip, timm, transformers' CLIP and
+# SigLIP) or bilinear with antialiasing (transformers' SigLIP 2 NaFlex).
+POS_EMBED_RESAMPLES = ("bicubic", "bilinear_antialias")
+# open_clip's text cleaning before tokenization (`open_clip.tokenizer.get_clean_fn`).
+TEXT_CLEANS = ("lower", "canonicalize", "whitespace")
+# The CLIP byte-pair vocabulary that ships with open_clip; any other `tokenizer` names Hugging Face tokenizer
+# files (a repo id, or a directory holding them).
+CLIP_TOKENIZER = "clip"
 
 
 def _positive_int(owner: str, name: str, value: Any) -> None:
@@ -37,6 +59,16 @@ def _positive_int(owner: str, name: str, value: Any) -> None:
 def _choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}")
+
+
+def _check_layer_scale(owner: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"{owner}.layer_scale must be None (no layer scale) or a positive initial value, got {value!r}")
 
 
 def _check_heads(owner: str, width: int, num_heads: int) -> None:
@@ -65,6 +97,18 @@ class VisionConfig:
     image_std: tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    # The tower's shape around the Transformer. The defaults are OpenAI's CLIP ViT; SigLIP has no class token,
+    # a bias in the patch embedding, no pre-LayerNorm, MAP pooling and no projection; CLIPA averages the patch
+    # tokens and applies the final LayerNorm to the pooled vector.
+    class_token: bool = True
+    patch_bias: bool = False
+    norm_pre: bool = True
+    pool: str = "token"
+    norm_after_pool: bool = False
+    proj: str = "linear"
+    # Per-channel scales on each residual branch (CaiT), initialised to this value; None: none.
+    layer_scale: float | None = None
+    pos_embed_resample: str = "bicubic"
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "width", "depth", "num_heads"):
@@ -72,16 +116,25 @@ class VisionConfig:
         if self.patch_size > self.image_size:
             raise ValueError(
                 f"VisionConfig.patch_size ({self.patch_size}) is larger than image_size ({self.image_size}); "
-                "use a patch size that divides the image size"
+                "use a patch size of at most the image size"
             )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"VisionConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
-            )
+        # image_size need not be a multiple of patch_size (SigLIP's So400m/14 at 384): the pixels beyond the
+        # last whole patch are dropped, as timm and transformers do.
         _check_heads("VisionConfig", self.width, self.num_heads)
         if not self.mlp_ratio > 0:
             raise ValueError(f"VisionConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         _choice("VisionConfig", "activation", self.activation, ACTIVATIONS)
+        for name in ("class_token", "patch_bias", "norm_pre", "norm_after_pool"):
+            _check_bool("VisionConfig", name, getattr(self, name))
+        _choice("VisionConfig", "pool", self.pool, VISION_POOLS)
+        _choice("VisionConfig", "proj", self.proj, PROJECTIONS)
+        _choice("VisionConfig", "pos_embed_resample", self.pos_embed_resample, POS_EMBED_RESAMPLES)
+        _check_layer_scale("VisionConfig", self.layer_scale)
+        if self.pool == "token" and not self.class_token:
+            raise ValueError(
+                "VisionConfig.pool='token' reads the class token, but class_token=False; "
+                "use pool='avg' or pool='map', or set class_token=True"
+            )
         _choice("VisionConfig", "interpolation", self.interpolation, INTERPOLATIONS)
         _choice("VisionConfig", "resize_mode", self.resize_mode, RESIZE_MODES)
         for name in ("image_mean", "image_std"):
@@ -103,6 +156,11 @@ class VisionConfig:
         return self.grid_size**2
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens: 1 with a class token, else 0."""
+        return int(self.class_token)
+
+    @property
     def mlp_width(self) -> int:
         """Hidden channels of each block's MLP: width * mlp_ratio."""
         return int(self.width * self.mlp_ratio)
@@ -110,7 +168,10 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The text tower: a causal Transformer over byte-pair tokens, pooled at the end-of-text token."""
+    """The text tower: a Transformer over token ids, pooled at one position, and the tokenizer it was trained with.
+
+    The defaults are CLIP's: causal attention over byte-pair tokens, pooled at the end-of-text token.
+    """
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -120,6 +181,24 @@ class TextConfig:
     mlp_ratio: float = 4.0
     activation: str = "gelu"
     norm_eps: float = 1e-5
+    # False: every token attends to every other (SigLIP, CLIPA); then padding changes the result and the
+    # tower runs the whole context.
+    causal: bool = True
+    pool: str = "eot"
+    # The end-of-text id pool='eot' looks for (its first occurrence). None: the highest id of each row, where
+    # CLIP's byte-pair tokenizer puts end-of-text (open_clip's 'argmax').
+    eot_id: int | None = None
+    pad_id: int = 0
+    proj: str = "linear"
+    layer_scale: float | None = None
+    # The tokenizer: "clip" (CLIP's byte-pair vocabulary), or Hugging Face tokenizer files named by a repo id
+    # or a directory (SigLIP's T5 vocabulary, SigLIP 2's Gemma vocabulary, XLM-V, BERT).
+    tokenizer: str = CLIP_TOKENIZER
+    # open_clip's cleaning: "lower" for CLIP's BPE, "canonicalize" (punctuation removed, lower case) for
+    # SigLIP, "whitespace" (open_clip's default for Hugging Face tokenizers).
+    tokenizer_clean: str = "lower"
+    # CLIPA's BERT tokenizer: the [SEP] ids become 0, as in open_clip.
+    strip_sep_token: bool = False
 
     def __post_init__(self) -> None:
         for name in ("context_length", "vocab_size", "width", "depth", "num_heads"):
@@ -132,6 +211,32 @@ class TextConfig:
         if not self.mlp_ratio > 0:
             raise ValueError(f"TextConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         _choice("TextConfig", "activation", self.activation, ACTIVATIONS)
+        for name in ("causal", "strip_sep_token"):
+            _check_bool("TextConfig", name, getattr(self, name))
+        _choice("TextConfig", "pool", self.pool, TEXT_POOLS)
+        _choice("TextConfig", "proj", self.proj, PROJECTIONS)
+        _choice("TextConfig", "tokenizer_clean", self.tokenizer_clean, TEXT_CLEANS)
+        _check_layer_scale("TextConfig", self.layer_scale)
+        for name in ("eot_id", "pad_id"):
+            value = getattr(self, name)
+            if value is None and name == "eot_id":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"TextConfig.{name} must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError(
+                f"TextConfig.tokenizer must be 'clip' or a Hugging Face tokenizer (repo id or directory), got {self.tokenizer!r}"
+            )
+        if self.tokenizer != CLIP_TOKENIZER and self.pool == "eot" and self.eot_id is None:
+            raise ValueError(
+                "TextConfig.pool='eot' with eot_id=None pools at each row's highest id, which is end-of-text only "
+                f"for CLIP's tokenizer; with tokenizer={self.tokenizer!r}, set eot_id to its end-of-text id"
+            )
+        if self.tokenizer == CLIP_TOKENIZER and (self.tokenizer_clean != "lower" or self.strip_sep_token):
+            raise ValueError(
+                "CLIP's byte-pair tokenizer (tokenizer='clip') cleans with 'lower' and has no [SEP] token; "
+                f"got tokenizer_clean={self.tokenizer_clean!r}, strip_sep_token={self.strip_sep_token}"
+            )
 
     @property
     def mlp_width(self) -> int:
@@ -163,11 +268,18 @@ class CLIPConfig:
             raise TypeError(f"CLIPConfig.vision must be a VisionConfig or a dict, got {type(self.vision).__name__}")
         if not isinstance(self.text, TextConfig):
             raise TypeError(f"CLIPConfig.text must be a TextConfig or a dict, got {type(self.text).__name__}")
+        for tower in ("vision", "text"):
+            sub = getattr(self, tower)
+            if sub.proj == "none" and sub.width != self.embed_dim:
+                raise ValueError(
+                    f"CLIPConfig.{tower}.proj='none' makes the pooled vector the embedding, so {tower}.width "
+                    f"({sub.width}) must equal embed_dim ({self.embed_dim}); use proj='linear' or change embed_dim"
+                )
         if self.share_transformer:
             v, t = self.vision, self.text
             mismatched = [
                 f"{name} (vision {getattr(v, name)} vs text {getattr(t, name)})"
-                for name in ("width", "depth", "num_heads", "mlp_ratio", "activation", "norm_eps")
+                for name in ("width", "depth", "num_heads", "mlp_ratio", "activation", "norm_eps", "layer_scale")
                 if getattr(v, name) != getattr(t, name)
             ]
             if mismatched:
@@ -197,6 +309,20 @@ class CLIPConfig:
             _reject_unknown(TextConfig, data["text"], "CLIPConfig.text")
         return cls(**data)
 
+    def identity_dict(self) -> dict[str, Any]:
+        """`to_dict` as a model's fingerprint hashes it: without `text.tokenizer` (where the vocabulary is
+        found, not what it is: the tokenizer has its own fingerprint), and without the options added after
+        vlm's first format while they hold their defaults, so that models saved before keep their
+        fingerprints (and the classifiers built with them stay valid)."""
+        data = self.to_dict()
+        data["text"].pop("tokenizer")
+        for tower, cls in (("vision", VisionConfig), ("text", TextConfig)):
+            defaults = {f.name: f.default for f in fields(cls)}
+            for name in _ADDED_FIELDS[tower]:
+                if name in data[tower] and data[tower][name] == defaults[name]:
+                    del data[tower][name]
+        return data
+
     def to_json(self) -> str:
         """`to_dict` as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2)
@@ -219,6 +345,15 @@ class CLIPConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Config fields added after vlm's first model format (see `CLIPConfig.identity_dict`).
+_ADDED_FIELDS = {
+    "vision": (
+        "class_token", "patch_bias", "norm_pre", "pool", "norm_after_pool", "proj", "layer_scale", "pos_embed_resample",
+    ),
+    "text": ("causal", "pool", "eot_id", "pad_id", "proj", "layer_scale", "tokenizer_clean", "strip_sep_token"),
+}
+
+
 def _reject_unknown(cls: type, data: Mapping[str, Any], owner: str) -> None:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -234,8 +369,77 @@ _B_TEXT = dict(width=512, depth=12, num_heads=8)
 _L_TEXT = dict(width=768, depth=12, num_heads=12)
 _QG = dict(activation="quick_gelu")
 
-# One table: open_clip's names and shapes (vision heads = width // 64 as in open_clip), plus small
-# presets for tests and demos. `-quickgelu` variants match OpenAI's original weights and HF's CLIPModel.
+# ---- SigLIP and SigLIP 2 (open_clip: a timm ViT trunk; transformers: SiglipModel) -----------------------
+# No class token, a patch bias, no pre-LayerNorm, the MAP head's output as the embedding; bidirectional text
+# read at the last position (where the padding has seen the whole text), projected with a bias.
+_SIGLIP_VISION = dict(
+    class_token=False, patch_bias=True, norm_pre=False, pool="map", proj="none", norm_eps=1e-6,
+    image_mean=INCEPTION_MEAN, image_std=INCEPTION_STD, resize_mode="squash",
+)
+_SIGLIP_TEXT = dict(causal=False, pool="last", norm_eps=1e-6, tokenizer_clean="canonicalize")
+_SIGLIP_B = dict(width=768, depth=12, num_heads=12)
+_SIGLIP_L = dict(width=1024, depth=24, num_heads=16)
+# Shape-optimised 400M: timm's int(1152 * 3.7362) = 4304 MLP channels.
+_SIGLIP_SO = dict(width=1152, depth=27, num_heads=16, mlp_ratio=4304 / 1152)
+_SIGLIP_G = dict(width=1536, depth=40, num_heads=16)
+_T5_32K = dict(vocab_size=32000, tokenizer="timm/ViT-B-16-SigLIP")
+_MC4_250K = dict(vocab_size=250000, tokenizer="timm/ViT-B-16-SigLIP-i18n-256")
+
+
+def _siglip(
+    image_size: int, patch_size: int, shape: dict[str, Any], text: dict[str, Any], *,
+    vision_act: str = "gelu", text_act: str = "gelu", text_shape: dict[str, Any] | None = None, **text_kw: Any,
+) -> CLIPConfig:
+    vision = VisionConfig(image_size=image_size, patch_size=patch_size, activation=vision_act, **shape, **_SIGLIP_VISION)
+    text_cfg = dict(context_length=64, proj="linear_bias", activation=text_act, **_SIGLIP_TEXT, **(text_shape or shape))
+    text_cfg.update(text, **text_kw)
+    return CLIPConfig(
+        embed_dim=shape["width"], vision=vision, text=TextConfig(**text_cfg),
+        init_logit_scale=math.log(10.0), init_logit_bias=-10.0,
+    )
+
+
+def _siglip2(image_size: int, patch_size: int, shape: dict[str, Any], repo: str, **kw: Any) -> CLIPConfig:
+    # SigLIP 2 shares the Gemma vocabulary; open_clip points each model at its own copy on the hub.
+    return _siglip(image_size, patch_size, shape, dict(vocab_size=256000, tokenizer=repo), text_act="gelu_tanh", **kw)
+
+
+# ---- CLIPA (open_clip's own ViT) ---------------------------------------------------------------------
+# The patch tokens' mean, LayerNorm after pooling, no pre-LayerNorm; bidirectional BERT-vocabulary text read
+# at the last position, its [SEP] ids zeroed (open_clip's strip_sep_token).
+_CLIPA_VISION = dict(
+    patch_size=14, norm_pre=False, pool="avg", norm_after_pool=True,
+    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, interpolation="bilinear", resize_mode="squash",
+)
+_CLIPA_TEXT = dict(
+    context_length=32, vocab_size=32000, causal=False, pool="last",
+    tokenizer="bert-base-uncased", tokenizer_clean="whitespace", strip_sep_token=True,
+)
+_H_VISION = dict(width=1280, depth=32, num_heads=16)
+_H_TEXT = dict(width=1024, depth=24, num_heads=16)
+_BIGG_VISION = dict(width=1664, depth=48, num_heads=16, mlp_ratio=8192 / 1664)
+_BIGG_TEXT = dict(width=1280, depth=32, num_heads=20)
+
+
+def _clipa(embed_dim: int, image_size: int, vision: dict[str, Any], text: dict[str, Any]) -> CLIPConfig:
+    return _clip(embed_dim, dict(image_size=image_size, **vision, **_CLIPA_VISION), dict(**text, **_CLIPA_TEXT))
+
+
+# ---- MetaCLIP 2 worldwide (open_clip's own ViT; transformers: MetaClip2Model) ---------------------------
+# CLIP's towers; multilingual XLM-V vocabulary, pooled at its first end-of-text id (2).
+_WORLDWIDE_TEXT = dict(vocab_size=901629, eot_id=2, tokenizer="facebook/xlm-v-base", tokenizer_clean="whitespace")
+
+
+def _worldwide(embed_dim: int, image_size: int, vision: dict[str, Any], text: dict[str, Any], **act: Any) -> CLIPConfig:
+    resize = dict(resize_mode="squash") if image_size != 224 else {}
+    return _clip(
+        embed_dim, dict(image_size=image_size, patch_size=14, **vision, **resize, **act), dict(**text, **_WORLDWIDE_TEXT, **act)
+    )
+
+
+# One table: open_clip's names and shapes (vision heads = width // 64 as in open_clip, or the model's
+# head_width), with the preprocessing of the models' released weights, plus small presets for tests and
+# demos. `-quickgelu` variants match OpenAI's original weights and HF's CLIPModel.
 PRESETS: dict[str, CLIPConfig] = {
     "ViT-B-32": _clip(512, dict(patch_size=32, width=768, depth=12, num_heads=12), _B_TEXT),
     "ViT-B-16": _clip(512, dict(patch_size=16, width=768, depth=12, num_heads=12), _B_TEXT),
@@ -243,7 +447,52 @@ PRESETS: dict[str, CLIPConfig] = {
     "ViT-B-32-quickgelu": _clip(512, dict(patch_size=32, width=768, depth=12, num_heads=12, **_QG), dict(_B_TEXT, **_QG)),
     "ViT-B-16-quickgelu": _clip(512, dict(patch_size=16, width=768, depth=12, num_heads=12, **_QG), dict(_B_TEXT, **_QG)),
     "ViT-L-14-quickgelu": _clip(768, dict(patch_size=14, width=1024, depth=24, num_heads=16, **_QG), dict(_L_TEXT, **_QG)),
-    # Small presets: a forward and backward in well under a second on a 2-core CPU.
+    # SigLIP
+    "ViT-B-16-SigLIP": _siglip(224, 16, _SIGLIP_B, _T5_32K),
+    "ViT-B-16-SigLIP-256": _siglip(256, 16, _SIGLIP_B, _T5_32K),
+    "ViT-B-16-SigLIP-i18n-256": _siglip(256, 16, _SIGLIP_B, _MC4_250K),
+    "ViT-B-16-SigLIP-384": _siglip(384, 16, _SIGLIP_B, _T5_32K),
+    "ViT-B-16-SigLIP-512": _siglip(512, 16, _SIGLIP_B, _T5_32K),
+    "ViT-L-16-SigLIP-256": _siglip(256, 16, _SIGLIP_L, _T5_32K),
+    "ViT-L-16-SigLIP-384": _siglip(384, 16, _SIGLIP_L, _T5_32K),
+    # The 224-pixel So400m reads 16 text tokens.
+    "ViT-SO400M-14-SigLIP": _siglip(224, 14, _SIGLIP_SO, _T5_32K, context_length=16),
+    "ViT-SO400M-14-SigLIP-378": _siglip(378, 14, _SIGLIP_SO, _T5_32K),
+    # 384 is not a multiple of 14: the last 6 pixels of each side are dropped, as in timm and transformers.
+    "ViT-SO400M-14-SigLIP-384": _siglip(384, 14, _SIGLIP_SO, _T5_32K),
+    "ViT-SO400M-16-SigLIP-i18n-256": _siglip(256, 16, _SIGLIP_SO, _MC4_250K, vision_act="gelu_tanh", proj="none"),
+    # SigLIP 2 (timm's B/16, L/16 at 256 and 384, So400m/14 use exact GELU in the image tower; the others tanh)
+    "ViT-B-32-SigLIP2-256": _siglip2(256, 32, _SIGLIP_B, "timm/ViT-B-32-SigLIP2-256", vision_act="gelu_tanh"),
+    "ViT-B-16-SigLIP2": _siglip2(224, 16, _SIGLIP_B, "timm/ViT-B-16-SigLIP2"),
+    "ViT-B-16-SigLIP2-256": _siglip2(256, 16, _SIGLIP_B, "timm/ViT-B-16-SigLIP2-256"),
+    "ViT-B-16-SigLIP2-384": _siglip2(384, 16, _SIGLIP_B, "timm/ViT-B-16-SigLIP2-384"),
+    "ViT-B-16-SigLIP2-512": _siglip2(512, 16, _SIGLIP_B, "timm/ViT-B-16-SigLIP2-512"),
+    "ViT-L-16-SigLIP2-256": _siglip2(256, 16, _SIGLIP_L, "timm/ViT-L-16-SigLIP2-256"),
+    "ViT-L-16-SigLIP2-384": _siglip2(384, 16, _SIGLIP_L, "timm/ViT-L-16-SigLIP2-384"),
+    "ViT-L-16-SigLIP2-512": _siglip2(512, 16, _SIGLIP_L, "timm/ViT-L-16-SigLIP2-512", vision_act="gelu_tanh"),
+    "ViT-SO400M-14-SigLIP2": _siglip2(224, 14, _SIGLIP_SO, "timm/ViT-SO400M-14-SigLIP2"),
+    "ViT-SO400M-14-SigLIP2-378": _siglip2(378, 14, _SIGLIP_SO, "timm/ViT-SO400M-14-SigLIP2-378"),
+    "ViT-SO400M-16-SigLIP2-256": _siglip2(256, 16, _SIGLIP_SO, "timm/ViT-SO400M-16-SigLIP2-256", vision_act="gelu_tanh"),
+    "ViT-SO400M-16-SigLIP2-384": _siglip2(384, 16, _SIGLIP_SO, "timm/ViT-SO400M-16-SigLIP2-384", vision_act="gelu_tanh"),
+    "ViT-SO400M-16-SigLIP2-512": _siglip2(512, 16, _SIGLIP_SO, "timm/ViT-SO400M-16-SigLIP2-512", vision_act="gelu_tanh"),
+    # giant-opt: a wider image tower than its So400m text tower, which projects up to 1536.
+    "ViT-gopt-16-SigLIP2-256": _siglip2(256, 16, _SIGLIP_G, "timm/ViT-gopt-16-SigLIP2-256", vision_act="gelu_tanh", text_shape=_SIGLIP_SO),
+    "ViT-gopt-16-SigLIP2-384": _siglip2(384, 16, _SIGLIP_G, "timm/ViT-gopt-16-SigLIP2-384", vision_act="gelu_tanh", text_shape=_SIGLIP_SO),
+    # CLIPA
+    "ViT-L-14-CLIPA": _clipa(768, 224, dict(width=1024, depth=24, num_heads=16), _L_TEXT),
+    "ViT-L-14-CLIPA-336": _clipa(768, 336, dict(width=1024, depth=24, num_heads=16), _L_TEXT),
+    "ViT-H-14-CLIPA": _clipa(1024, 224, _H_VISION, _H_TEXT),
+    "ViT-H-14-CLIPA-336": _clipa(1024, 336, _H_VISION, _H_TEXT),
+    "ViT-bigG-14-CLIPA": _clipa(1280, 224, _BIGG_VISION, _BIGG_TEXT),
+    "ViT-bigG-14-CLIPA-336": _clipa(1280, 336, _BIGG_VISION, _BIGG_TEXT),
+    # MetaCLIP 2 worldwide (the ViT-H-14-worldwide weights were trained with QuickGELU: open_clip's tag says so)
+    "ViT-H-14-worldwide": _worldwide(1024, 224, _H_VISION, _H_TEXT),
+    "ViT-H-14-worldwide-quickgelu": _worldwide(1024, 224, _H_VISION, _H_TEXT, **_QG),
+    "ViT-H-14-worldwide-378": _worldwide(1024, 378, _H_VISION, _H_TEXT),
+    "ViT-bigG-14-worldwide": _worldwide(1280, 224, _BIGG_VISION, _BIGG_TEXT),
+    "ViT-bigG-14-worldwide-378": _worldwide(1280, 378, _BIGG_VISION, _BIGG_TEXT),
+    # Small presets: a forward and backward in well under a second on a 2-core CPU. The family variants keep
+    # CLIP's byte-pair vocabulary so that they run without tokenizer files.
     "tiny": _clip(
         64,
         dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4),
@@ -255,12 +504,16 @@ PRESETS: dict[str, CLIPConfig] = {
         dict(context_length=32, width=64, depth=2, num_heads=4),
         share_transformer=True,
     ),
-    "tiny-siglip": _clip(
+    "tiny-siglip": _siglip(32, 8, dict(width=64, depth=2, num_heads=4), dict(context_length=32, tokenizer=CLIP_TOKENIZER, tokenizer_clean="lower"), text_act="gelu_tanh"),
+    "tiny-clipa": _clip(
+        64,
+        dict(image_size=32, width=64, depth=2, num_heads=4, **dict(_CLIPA_VISION, patch_size=8)),
+        dict(context_length=32, width=64, depth=2, num_heads=4, causal=False, pool="last"),
+    ),
+    "tiny-worldwide": _clip(
         64,
         dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4),
-        dict(context_length=32, width=64, depth=2, num_heads=4),
-        init_logit_scale=math.log(10.0),
-        init_logit_bias=-10.0,
+        dict(context_length=32, width=64, depth=2, num_heads=4, eot_id=49407),
     ),
     # Sized for 8x8-pixel digits upscaled to 32 and short captions: the demo's model.
     "small": _clip(

@@ -73,12 +73,12 @@ def embed_images(
 
 @torch.inference_mode()
 def embed_texts(model: CLIP, texts: Sequence[str], *, batch_size: int = 256, normalize: bool = True) -> Tensor:
-    """(len(texts), E) float32 embeddings. Batches are formed from texts sorted by length, so each
-    runs only as many positions as its longest text needs."""
+    """(len(texts), E) float32 embeddings. Batches are formed from texts sorted by where they are pooled,
+    so that on a causal tower each runs only as many positions as its longest text needs."""
     tokens = get_tokenizer(model)(list(texts))
     if not len(tokens):
         return torch.zeros(0, model.config.embed_dim)
-    order = tokens.argmax(dim=-1).argsort()
+    order = model.text.pool_positions(tokens).argsort()
     out = torch.empty(len(tokens), model.config.embed_dim)
     for start in range(0, len(tokens), batch_size):
         idx = order[start : start + batch_size]

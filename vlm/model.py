@@ -60,6 +60,10 @@ class CLIP(nn.Module):
             self.logit_bias = nn.Parameter(torch.full((), config.init_logit_bias, **dd))
         else:
             self.logit_bias = None
+        # Where the tokenizer files were found when the model was loaded (a directory), for
+        # `vlm.get_tokenizer(model)`; None: `config.text.tokenizer` names them. Kept out of the config, so that
+        # the same weights loaded from two places have one fingerprint.
+        self.tokenizer_path: Path | None = None
         if device is None or torch.device(device).type != "meta":
             self.init_weights()
 
@@ -108,12 +112,15 @@ class CLIP(nn.Module):
         """open_clip's initialisation: scaled normal projections, small position embeddings."""
         v, t = self.visual, self.text
         scale = v.config.width**-0.5
-        nn.init.normal_(v.class_token, std=scale)
+        if v.class_token is not None:
+            nn.init.normal_(v.class_token, std=scale)
         nn.init.normal_(v.pos_embed, std=scale)
-        nn.init.normal_(v.proj.weight, std=scale)
+        _init_projection(v.proj, v.config.width)
         nn.init.normal_(t.token_embed.weight, std=0.02)
         nn.init.normal_(t.pos_embed, std=0.01)
-        nn.init.normal_(t.proj.weight, std=t.config.width**-0.5)
+        _init_projection(t.proj, t.config.width)
+        if v.attn_pool is not None:
+            _init_attn_pool(v.attn_pool, scale)
         _init_transformer(v.transformer)
         if t.transformer is not v.transformer:
             _init_transformer(t.transformer)
@@ -121,7 +128,7 @@ class CLIP(nn.Module):
     # ---- identity and persistence --------------------------------------------------------------
     def fingerprint(self) -> str:
         """A short hash of the config and the weights: artifacts built with this model record it."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        h = hashlib.sha256(json.dumps(self.config.identity_dict(), sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
             h.update(name.encode())
             h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
@@ -157,6 +164,24 @@ def _init_transformer(transformer: nn.Module) -> None:
         nn.init.zeros_(attn.out_proj.bias)
         nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
         nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+
+
+def _init_projection(proj: nn.Module, width: int) -> None:
+    if isinstance(proj, nn.Linear):
+        nn.init.normal_(proj.weight, std=width**-0.5)
+        if proj.bias is not None:
+            nn.init.zeros_(proj.bias)
+
+
+def _init_attn_pool(pool: nn.Module, scale: float) -> None:
+    # timm's AttentionPoolLatent: a probe of std width**-0.5; the projections as in the blocks.
+    nn.init.normal_(pool.probe, std=scale)
+    attn = pool.attn
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+        nn.init.normal_(proj.weight, std=scale)
+        nn.init.zeros_(proj.bias)
+    nn.init.normal_(pool.mlp.fc1.weight, std=(2 * scale**-2) ** -0.5)
+    nn.init.normal_(pool.mlp.fc2.weight, std=scale)
 
 
 def create_model(

@@ -52,7 +52,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import ftfy
 import numpy as np
@@ -60,7 +60,10 @@ import regex
 import torch
 from tokenizers import models
 
-from .config import CLIPConfig, TextConfig
+from .config import CLIP_TOKENIZER, CLIPConfig, TextConfig
+
+if TYPE_CHECKING:
+    from .hf_tokenizer import HFTokenizer
 
 __all__ = ["DEFAULT_CONTEXT_LENGTH", "OVERFLOW_POLICIES", "Tokenizer", "get_tokenizer"]
 
@@ -398,23 +401,45 @@ def _as_row(ids: Sequence[int] | torch.Tensor, vocab_size: int) -> list[int]:
     return row
 
 
-def _context_length_of(source: Any) -> int:
+def _text_config_of(source: Any) -> TextConfig:
     if source is None:
-        return DEFAULT_CONTEXT_LENGTH
+        return TextConfig(context_length=DEFAULT_CONTEXT_LENGTH)
     if isinstance(source, int) and not isinstance(source, bool):
-        return source
+        return TextConfig(context_length=_check_context_length(source))
     if isinstance(source, TextConfig):
-        return source.context_length
+        return source
     if isinstance(source, CLIPConfig):
-        return source.text.context_length
+        return source.text
     if isinstance(getattr(source, "config", None), CLIPConfig):
-        return source.config.text.context_length
+        return source.config.text
     raise TypeError(
         "get_tokenizer takes None, a context length (int), a CLIPConfig, a TextConfig or a model whose "
         f".config is a CLIPConfig; got {type(source).__name__}"
     )
 
 
-def get_tokenizer(model_or_config: Any = None, *, overflow: str = "truncate") -> Tokenizer:
-    """The tokenizer for a model, a config or a context length (None: CLIP's 77)."""
-    return Tokenizer(_context_length_of(model_or_config), overflow=overflow)
+def get_tokenizer(model_or_config: Any = None, *, overflow: str = "truncate") -> "Tokenizer | HFTokenizer":
+    """The tokenizer a model was trained with, from a model, a config or a context length (None: CLIP's 77).
+
+    CLIP's byte-pair `Tokenizer` for `TextConfig.tokenizer == "clip"`; otherwise an `HFTokenizer` over the
+    model's Hugging Face tokenizer files with the config's cleaning, padding to `context_length` and
+    `overflow` policy. The files are looked for where the model was loaded from (`model.tokenizer_path`, set
+    by `vlm.load` when that directory holds them), then at `TextConfig.tokenizer` (a directory, or a repo id
+    in the Hugging Face cache; downloaded when online). ValueError when the tokenizer disagrees with the
+    text tower about the end-of-text id it pools at.
+    """
+    text = _text_config_of(model_or_config)
+    if text.tokenizer == CLIP_TOKENIZER:
+        return Tokenizer(text.context_length, overflow=overflow)
+    from .hf_tokenizer import HFTokenizer
+
+    source = getattr(model_or_config, "tokenizer_path", None) or text.tokenizer
+    tokenizer = HFTokenizer(
+        source, text.context_length, clean=text.tokenizer_clean, strip_sep_token=text.strip_sep_token, overflow=overflow
+    )
+    if text.pool == "eot" and text.eot_id != tokenizer.eot_token_id:
+        raise ValueError(
+            f"the text tower pools at end-of-text id {text.eot_id} (TextConfig.eot_id) but the tokenizer in {source} "
+            f"ends texts with id {tokenizer.eot_token_id}; set eot_id={tokenizer.eot_token_id} or use the model's own tokenizer"
+        )
+    return tokenizer

@@ -1,22 +1,33 @@
-"""The image tower: a ViT with a class token and learned position embeddings."""
+"""The image tower: a ViT over patch tokens (with or without a class token) and learned position embeddings."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from .config import VisionConfig
-from .layers import PatchEmbed, Transformer, get_act_layer, resample_pos_embed
+from .layers import AttentionPool, PatchEmbed, Transformer, get_act_layer, resample_pos_embed
 
-__all__ = ["VisionTower"]
+__all__ = ["VisionTower", "make_projection"]
+
+
+def make_projection(kind: str, width: int, embed_dim: int, **dd) -> nn.Module:
+    """A tower's projection into the shared space for a config's `proj`: "linear", "linear_bias" or "none"."""
+    if kind == "none":
+        return nn.Identity()
+    return nn.Linear(width, embed_dim, bias=kind == "linear_bias", **dd)
 
 
 class VisionTower(nn.Module):
     """Images (B, 3, H, W) -> embeddings (B, embed_dim).
 
-    `forward_features` gives the normalised tokens (B, 1 + N, C) (class token first), `pool` the class
-    token (B, C), `project` the embedding. Images of another size than `config.image_size` work: the
-    position embeddings are resampled (bicubic) to the new patch grid.
+    `forward_features` gives the tokens (B, P + N, C) after the final LayerNorm (P = 1 prefix class token,
+    or 0), `pool` one vector per image (B, C) (the class token, the mean of the patch tokens, or SigLIP's
+    attention pooling; with `norm_after_pool` the LayerNorm applies here instead), `project` the embedding.
+    Images of another size than `config.image_size` work: the position embeddings are resampled to the new
+    patch grid.
     """
 
     def __init__(
@@ -31,11 +42,12 @@ class VisionTower(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         C = config.width
+        norm_layer = partial(nn.LayerNorm, eps=config.norm_eps)
         self.config = config
-        self.patch_embed = PatchEmbed(config.patch_size, C, **dd)
-        self.class_token = nn.Parameter(torch.zeros(C, **dd))
-        self.pos_embed = nn.Parameter(torch.zeros(config.num_patches + 1, C, **dd))
-        self.norm_pre = nn.LayerNorm(C, eps=config.norm_eps, **dd)
+        self.patch_embed = PatchEmbed(config.patch_size, C, bias=config.patch_bias, **dd)
+        self.class_token = nn.Parameter(torch.zeros(C, **dd)) if config.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(config.num_prefix_tokens + config.num_patches, C, **dd))
+        self.norm_pre = norm_layer(C, **dd) if config.norm_pre else nn.Identity()
         self.transformer = transformer or Transformer(
             C,
             config.depth,
@@ -43,31 +55,52 @@ class VisionTower(nn.Module):
             config.mlp_ratio,
             norm_eps=config.norm_eps,
             act_layer=get_act_layer(config.activation),
+            layer_scale=config.layer_scale,
             **dd,
         )
-        self.norm = nn.LayerNorm(C, eps=config.norm_eps, **dd)
-        self.proj = nn.Linear(C, embed_dim, bias=False, **dd)
+        self.norm = norm_layer(C, **dd)
+        if config.pool == "map":
+            self.attn_pool = AttentionPool(
+                C, config.num_heads, config.mlp_ratio, act_layer=get_act_layer(config.activation), norm_layer=norm_layer, **dd
+            )
+        else:
+            self.attn_pool = None
+        self.proj = make_projection(config.proj, C, embed_dim, **dd)
 
     def embed(self, images: Tensor) -> Tensor:
-        """Patch tokens with the class token prepended and position embeddings added: (B, 1 + N, C)."""
+        """Patch tokens, after the class token (if any) and position embeddings: (B, P + N, C)."""
         grid = self.patch_embed.grid(images)
         x = self.patch_embed(images.to(self.pos_embed.dtype))  # (B, N, C)
-        cls = self.class_token.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + resample_pos_embed(self.pos_embed, grid)  # (B, 1 + N, C)
-        return self.norm_pre(x)
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + N, C)
+        prefix, mode = self.config.num_prefix_tokens, self.config.pos_embed_resample
+        return self.norm_pre(x + resample_pos_embed(self.pos_embed, grid, prefix, mode))
+
+    def _final_norm(self, x: Tensor) -> Tensor:
+        return x if self.config.norm_after_pool else self.norm(x)
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """Images (B, 3, H, W) -> normalised tokens (B, 1 + N, C), class token first."""
-        return self.norm(self.transformer(self.embed(images)))
+        """Images (B, 3, H, W) -> tokens (B, P + N, C), class token first; after the final LayerNorm unless
+        `norm_after_pool`."""
+        return self._final_norm(self.transformer(self.embed(images)))
 
     def forward_with_attention(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Normalised tokens (B, 1 + N, C) and every block's attention probabilities (B, H, 1 + N, 1 + N)."""
+        """`forward_features` and every block's attention probabilities (B, H, P + N, P + N)."""
         x, weights = self.transformer.forward_with_weights(self.embed(images))
-        return self.norm(x), weights
+        return self._final_norm(x), weights
 
     def pool(self, tokens: Tensor) -> Tensor:
-        """The class token: (B, 1 + N, C) -> (B, C)."""
-        return tokens[:, 0]
+        """(B, P + N, C) -> (B, C): the config's pooling (with pool="none", the tokens themselves)."""
+        pool, patches = self.config.pool, tokens[:, self.config.num_prefix_tokens :]
+        if pool == "token":
+            pooled = tokens[:, 0]
+        elif pool == "avg":
+            pooled = patches.mean(dim=1)
+        elif pool == "map":
+            pooled = self.attn_pool(patches)
+        else:
+            pooled = tokens
+        return self.norm(pooled) if self.config.norm_after_pool else pooled
 
     def project(self, pooled: Tensor) -> Tensor:
         """Pooled features (B, C) -> embeddings (B, embed_dim), not normalised."""
@@ -77,6 +110,16 @@ class VisionTower(nn.Module):
         """Images (B, 3, H, W) -> embeddings (B, embed_dim), not normalised."""
         return self.project(self.pool(self.forward_features(images)))
 
+    def head_modules(self) -> list[nn.Module]:
+        """The modules that read the last block's output (final norm, attention pooling, projection): what
+        a partly locked tower trains along with its unlocked blocks."""
+        return [m for m in (self.norm, self.attn_pool, self.proj) if m is not None]
+
     def no_weight_decay(self) -> set[str]:
-        """Names of the class token and position embeddings, which are excluded from weight decay."""
-        return {"class_token", "pos_embed"}
+        """Names of the class token, position embeddings and pooling probe, which are excluded from weight decay."""
+        names = {"pos_embed"}
+        if self.class_token is not None:
+            names.add("class_token")
+        if self.attn_pool is not None:
+            names.add("attn_pool.probe")
+        return names

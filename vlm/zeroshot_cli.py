@@ -82,6 +82,15 @@ def _report_failures(failures: list, total: int) -> None:
             print(f"  {failure.source}: {failure.reason}", file=sys.stderr)
 
 
+def _scoring_note(classifier) -> str:
+    if classifier.sigmoid:
+        return (
+            "scores: sigmoid(scale * cosine + bias) for each label on its own (a sigmoid-loss model such as "
+            "SigLIP); they do not sum to 1"
+        )
+    return "scores: softmax over the labels (a contrastive model); they sum to 1"
+
+
 def classify_main(argv: list[str]) -> int:
     """`vlm classify`: prints the top-k labels of each image, reports unreadable images on stderr.
 
@@ -120,6 +129,7 @@ def classify_main(argv: list[str]) -> int:
     predictions = result.top_k(args.top_k)
     if predictions:
         print(format_predictions(predictions, args.format))
+        print(_scoring_note(classifier), file=sys.stderr)
     _report_failures(result.failures, len(images))
     if not predictions:
         raise ValueError(f"none of the {len(images)} images could be read")

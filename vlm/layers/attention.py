@@ -50,17 +50,19 @@ class Attention(nn.Module):
         B, H, N, Dh = x.shape
         return self.out_proj(x.transpose(1, 2).reshape(B, N, H * Dh))  # (B, N, C)
 
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        projs = (self.q_proj, self.k_proj, self.v_proj)
+    def _fused_heads(self, x: Tensor, projs: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
         if not all(type(p) is nn.Linear for p in projs):
             # An adapter (LoRA, ...) replaced a projection: call each module so the adapter runs.
             return tuple(self._heads(x, p) for p in projs)
-        # One GEMM instead of three: the same numbers, better use of the matrix unit.
+        # One GEMM instead of several: the same numbers, better use of the matrix unit.
         weight = torch.cat([p.weight for p in projs])
-        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
         B, N, _ = x.shape
-        qkv = F.linear(x, weight, bias).view(B, N, 3, self.num_heads, self.head_dim)
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
+        out = F.linear(x, weight, bias).view(B, N, len(projs), self.num_heads, self.head_dim)
+        return out.permute(2, 0, 3, 1, 4).unbind(0)  # len(projs) x (B, H, N, Dh)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self._fused_heads(x, (self.q_proj, self.k_proj, self.v_proj))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """(B, N, C) -> (B, N, C). `attn_mask`: boolean (True = attend) or additive float, broadcastable
@@ -79,6 +81,14 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         out, weights = _reference_attention(q, k, v, attn_mask, is_causal)
         return self._merge(out), weights
+
+    def attend(self, x: Tensor, context: Tensor) -> Tensor:
+        """Cross-attention: queries from `x` (B, M, C), keys and values from `context` (B, N, C) -> (B, M, C)."""
+        q = self._heads(x, self.q_proj)
+        k, v = self._fused_heads(context, (self.k_proj, self.v_proj))
+        if not self.fused:
+            return self._merge(_reference_attention(q, k, v, None, False)[0])
+        return self._merge(F.scaled_dot_product_attention(q, k, v))
 
 
 def _combine_causal(attn_mask: Tensor, n: int, dtype: torch.dtype) -> Tensor:

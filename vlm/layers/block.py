@@ -9,13 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from .attention import Attention
+from .layer_scale import LayerScale
 from .mlp import Mlp
 
 __all__ = ["Block"]
 
 
 class Block(nn.Module):
-    """x + attn(norm1(x)), then x + mlp(norm2(x)).
+    """x + attn(norm1(x)), then x + mlp(norm2(x)); with `layer_scale`, each branch is scaled per channel
+    (`ls1`, `ls2`) before it is added.
 
     Variants come in as layers: pass another `attn_layer`, `mlp_layer` or `norm_layer` (each is
     called with the same arguments as the defaults).
@@ -27,10 +29,11 @@ class Block(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         *,
-        act_layer: type[nn.Module] = nn.GELU,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
         norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-5),
         attn_layer: Callable[..., nn.Module] = Attention,
         mlp_layer: Callable[..., nn.Module] = Mlp,
+        layer_scale: float | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -38,18 +41,20 @@ class Block(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.norm1 = norm_layer(width, **dd)
         self.attn = attn_layer(width, num_heads, **dd)
+        self.ls1 = LayerScale(width, layer_scale, **dd) if layer_scale is not None else nn.Identity()
         self.norm2 = norm_layer(width, **dd)
         self.mlp = mlp_layer(width, int(width * mlp_ratio), act_layer=act_layer, **dd)
+        self.ls2 = LayerScale(width, layer_scale, **dd) if layer_scale is not None else nn.Identity()
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """(B, N, C) -> (B, N, C); `attn_mask` and `is_causal` go to the attention unchanged."""
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
     def forward_with_weights(
         self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Like `forward`, also returning this block's attention probabilities (B, H, N, N)."""
         h, weights = self.attn.forward_with_weights(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
-        x = x + h
-        return x + self.mlp(self.norm2(x)), weights
+        x = x + self.ls1(h)
+        return x + self.ls2(self.mlp(self.norm2(x))), weights

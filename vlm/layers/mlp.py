@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -16,10 +19,15 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    # GELU's tanh approximation: big_vision's (flax) default, which SigLIP 2's towers were trained with.
+    "gelu_tanh": partial(nn.GELU, approximate="tanh"),
+    "quick_gelu": QuickGELU,
+}
 
 
-def get_act_layer(name: str) -> type[nn.Module]:
+def get_act_layer(name: str) -> Callable[[], nn.Module]:
     """The activation class for a config's `activation` name; ValueError naming the choices otherwise."""
     try:
         return _ACTIVATIONS[name]
@@ -35,7 +43,7 @@ class Mlp(nn.Module):
         width: int,
         hidden_width: int,
         *,
-        act_layer: type[nn.Module] = nn.GELU,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:

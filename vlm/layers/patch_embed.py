@@ -17,13 +17,14 @@ class PatchEmbed(nn.Module):
         width: int,
         in_chans: int = 3,
         *,
+        bias: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
-        # No bias: CLIP's patch embedding has none (the position embedding plays that role).
-        self.proj = nn.Conv2d(in_chans, width, patch_size, stride=patch_size, bias=False, device=device, dtype=dtype)
+        # CLIP's patch embedding has no bias (the position embedding plays that role); timm's and SigLIP's have one.
+        self.proj = nn.Conv2d(in_chans, width, patch_size, stride=patch_size, bias=bias, device=device, dtype=dtype)
 
     def grid(self, images: Tensor) -> tuple[int, int]:
         """The (rows, columns) of patches an image batch produces."""
