@@ -50,6 +50,17 @@ def test_classify_table_with_a_broken_image(setup, capsys):
     assert "skipped 1 of 7 images" in err and "broken.jpg" in err
 
 
+def test_classify_says_how_scores_are_made(setup, capsys):
+    """Sigmoid-loss models score each label on its own with the bias; vlm classify says which it printed."""
+    vlm.create_model("tiny-siglip").save_pretrained(setup / "siglip")
+    args = f"classify {setup}/imgs/dark --labels dark,light --no-progress --format jsonl --model"
+    code, out, err = _run(capsys, f"{args} {setup}/siglip")
+    assert code == 0 and "scores: sigmoid(scale * cosine + bias)" in err
+    assert all(abs(sum(json.loads(line)["scores"]) - 1) > 1e-3 for line in out.splitlines())
+    code, _, err = _run(capsys, f"{args} {setup}/model")
+    assert code == 0 and "scores: softmax over the labels" in err
+
+
 def test_classify_jsonl_and_csv(setup, capsys):
     args = f"classify {setup}/imgs/dark {setup}/imgs/light/0.png --labels dark,light --model {setup}/model"
     args += " --no-progress"

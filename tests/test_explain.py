@@ -47,6 +47,19 @@ def test_rollout_follows_attention_through_blocks(monkeypatch, model16):
     torch.testing.assert_close(heatmap.values, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
 
 
+def test_rollout_without_class_token_averages_the_patch_rows(monkeypatch):
+    """SigLIP's tower (no class token, attention pooling): the map is the mean of the 4 patch rows. One block
+    where patch 0 reads patch 1: (A + I) / 2 has row 0 = (.5, .5, 0, 0) and identity rows otherwise, mean
+    (.125, .375, .25, .25), scaled to (0, 1, .5, .5)."""
+    model = vlm.create_model("tiny-siglip", vision={"image_size": 16}).eval()
+    attention = torch.eye(4)
+    attention[0] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    tokens = torch.zeros(1, 4, model.visual.config.width)
+    monkeypatch.setattr(model.visual, "forward_with_attention", lambda images: (tokens, [attention[None, None]]))
+    heatmap = attention_rollout(model, torch.zeros(3, 16, 16))
+    torch.testing.assert_close(heatmap.values, torch.tensor([[0.0, 1.0], [0.5, 0.5]]))
+
+
 def test_relevance_on_a_hand_computed_block(monkeypatch, model16):
     """One block, one head, 2-d embeddings: the image embedding is e = sum_j A[0, j] V_j, the text is
     t = (1, 0), the score cos(e, t). With A[0] = (.2, .5, .1, .1, .1) and the values below, e = (.4, .2)
@@ -66,10 +79,11 @@ def test_relevance_on_a_hand_computed_block(monkeypatch, model16):
     torch.testing.assert_close(heatmap.values, torch.tensor([[1.0, 0.0], [0.0, 0.4]]), atol=1e-4, rtol=0)
 
 
-def test_explain_real_model_end_to_end(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-siglip"])
+def test_explain_real_model_end_to_end(tmp_path, preset):
     from skimage import data
 
-    model = vlm.create_model("tiny").eval()
+    model = vlm.create_model(preset).eval()
     photo = data.chelsea()
     out = tmp_path / "maps" / "cat.png"
     maps = explain_image(model, photo, ["a photo of a cat", "a red car"], out)

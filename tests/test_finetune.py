@@ -140,6 +140,22 @@ def test_flyp_learns_with_the_contrastive_loss(model, train_images):
     assert evaluate_classifier(result.classifier, train_images).top1 == 1.0 > before
 
 
+def test_flyp_with_a_sigmoid_model_learns_with_the_sigmoid_loss(train_images, monkeypatch):
+    """SigLIP's towers: FLYP trains with the sigmoid loss (the model has a logit_bias) and learns."""
+    import training.step
+
+    torch.manual_seed(0)
+    siglip = create_model("tiny-siglip").eval()
+    kinds = []
+    original = training.step.loss_and_gradients
+    monkeypatch.setattr(
+        training.step, "loss_and_gradients", lambda *a, **kw: kinds.append(a[3].kind) or original(*a, **kw)
+    )
+    result = finetune(siglip, train_images, FinetuneConfig(mode="flyp", epochs=4, lr=1e-3, batch_size=12, warmup_steps=1))
+    assert set(kinds) == {"siglip"}
+    assert result.losses[-1] < result.losses[0]
+
+
 def _zeroshot_classifier(model, data):
     classifier = ImageClassifier.from_clip(model, data.class_names)
     classifier.head.load_state_dict(zeroshot_head(model, data.class_names, "simple").state_dict())

@@ -298,3 +298,34 @@ def test_no_weight_decay_names_exist():
     model = vlm.create_model("tiny")
     names = dict(model.named_parameters())
     assert model.no_weight_decay() <= set(names)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_last_block_at_the_pooled_tokens_only_equals_the_full_stack(name):
+    """`forward` runs the last block at the pooled positions alone; the embeddings and every gradient are
+    those of pooling the full `forward_features`."""
+    model = vlm.create_model(name)
+    images, text = _inputs(model.config, batch=3)
+    text[1, 5:] = 0  # rows of different lengths: the causal mask of the pooled queries matters
+    text[1, 4] = model.config.text.eot_id or model.config.text.vocab_size - 1
+
+    def run(full: bool):
+        model.zero_grad(set_to_none=True)
+        v, t = model.visual, model.text
+        if full:
+            image = v.project(v.pool(v.forward_features(images)))
+            txt = t.project(t.pool(t.forward_features(text), text))
+        else:
+            image, txt = v(images), t(text)
+        (image.square().sum() + txt.square().sum()).backward()
+        return image.detach(), txt.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, full = run(False), run(True)
+    torch.testing.assert_close(fast[0], full[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1], full[1], atol=1e-5, rtol=1e-5)
+    assert fast[2].keys() == full[2].keys()
+    for n in full[2]:  # the same sums in another order: equal to float32 rounding of the largest entry
+        if n.endswith("k_proj.bias"):
+            continue  # its true gradient is 0 (softmax ignores a shift shared by every key): round-off only
+        error = (fast[2][n] - full[2][n]).abs().max()
+        assert error <= 1e-5 * full[2][n].abs().max() + 1e-7, f"{n}: {error}"

@@ -132,3 +132,19 @@ def test_paired_recall_both_ways():
     result = paired_recall(images, texts, owner, ks=(1, 6))
     assert result.image_to_text == {1: 1.0, 6: 1.0}  # any of an image's captions counts
     assert result.text_to_image == {1: 0.5, 6: 1.0}  # the second captions point at the wrong image first
+
+
+def test_a_siglip_model_builds_and_searches_an_index(tmp_path):
+    """SigLIP's towers (attention pooling, bidirectional text read at the last position) embed the collection and
+    the queries; scores are the cosines of those embeddings."""
+    torch.manual_seed(0)
+    model = vlm.create_model("tiny-siglip").eval()
+    paths = write_images(tmp_path / "images", 12, broken=0)
+    build_index(tmp_path / "images", tmp_path / "siglip.index", model, options=QUIET)
+    index = SearchIndex.open(tmp_path / "siglip.index", model=model)
+    results = index.search_text(["a red square", "a blue square"], k=4)
+    xq = embed_texts(model, ["a red square", "a blue square"]).numpy()
+    xb = index.index.vectors.get(results.I.ravel()).reshape(2, 4, -1)
+    np.testing.assert_allclose(results.D, np.einsum("qd,qkd->qk", xq, xb), atol=1e-5)
+    by_image = index.search_image([paths[2]], k=1)
+    assert by_image[0][0].path == str(paths[2])

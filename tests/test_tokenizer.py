@@ -164,7 +164,7 @@ def test_skipping_ftfy_and_html_on_plain_ascii_changes_nothing():
     alphabet = [c for c in string.printable if c not in "&\x0b"] + ["\r\n"]
     for _ in range(3000):
         text = "".join(rng.choices(alphabet, k=rng.randrange(0, 60)))
-        assert tokenizer_module._NEEDS_FULL_CLEAN.search(text) is None
+        assert tokenizer_module.NEEDS_FULL_CLEAN.search(text) is None
         full = html.unescape(html.unescape(ftfy.fix_text(text)))
         assert full.split() == text.split(), repr(text)
 
@@ -178,7 +178,7 @@ def test_ascii_pattern_splits_like_open_clips_regex(docs):
 
 def test_one_scan_finds_the_texts_that_need_ftfy():
     texts = ["", "plain", "", "café", "AT&T", "", "tab\tand\nnewline", "nul\x00", "plain", "ｘ", ""] + random_texts(500)
-    expected = [i for i, text in enumerate(texts) if tokenizer_module._NEEDS_FULL_CLEAN.search(text)]
+    expected = [i for i, text in enumerate(texts) if tokenizer_module.NEEDS_FULL_CLEAN.search(text)]
     assert tokenizer_module._needing_full_clean(texts) == expected
     assert expected[:4] == [3, 4, 7, 9]
 

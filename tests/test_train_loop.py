@@ -87,6 +87,30 @@ def test_vlm_train_end_to_end(tmp_path, capsys):
     assert not torch.equal(trained["visual.proj.weight"], initial["visual.proj.weight"])
 
 
+def test_vlm_train_a_siglip_model_with_its_own_sentencepiece_vocabulary(tmp_path, capsys, layouts):
+    """SigLIP's towers and loss with a T5 vocabulary: captions go through the model's tokenizer (cleaned,
+    padded to the context), and the saved model carries the tokenizer files."""
+    vocabulary = layouts["siglip-timm"]
+    argv = ["train"] + _tiny_run(
+        tmp_path,
+        **{
+            "model.name": "tiny-siglip",
+            "model.overrides.text.tokenizer": str(vocabulary),
+            "model.overrides.text.tokenizer_clean": "canonicalize",
+            "model.overrides.text.vocab_size": 1000,
+            "loss.kind": "siglip",
+        },
+    )
+    assert main(argv) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    model = vlm.load(tmp_path / "run" / "model")
+    assert model.tokenizer_path == tmp_path / "run" / "model" / "tokenizer"
+    from vlm.hf_tokenizer import HFTokenizer
+
+    expected = HFTokenizer(vocabulary, 32, clean="canonicalize")
+    assert vlm.get_tokenizer(model).fingerprint() == expected.fingerprint()
+
+
 def test_bad_config_is_a_clean_error(tmp_path, capsys):
     assert main(["train", "optim.lrr=1"]) == 1
     assert "optim.lrr" in capsys.readouterr().err
@@ -207,6 +231,10 @@ def test_lit_locks_the_image_tower(tmp_path):
     assert sum(len(g["params"]) for g in build_optimizer(model, OptimConfig()).param_groups) == len(trainable)
     with pytest.raises(ValueError, match="has 2 blocks"):
         lock_image_tower(vlm.create_model("tiny"), unlocked_blocks=3)
+    siglip = vlm.create_model("tiny-siglip")
+    lock_image_tower(siglip, unlocked_blocks=1)
+    trainable = {n for n, p in siglip.named_parameters() if p.requires_grad}
+    assert {"visual.attn_pool.probe", "visual.attn_pool.mlp.fc1.weight", "visual.norm.weight"} <= trainable
 
     run = _prepared(tmp_path, **{"model.lock_image": True})
     before = {k: v.clone() for k, v in run.clip.state_dict().items()}

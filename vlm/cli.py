@@ -154,11 +154,13 @@ def presets_main(argv: list[str]) -> int:
     from .config import PRESETS
 
     argparse.ArgumentParser(prog="vlm presets", description="List the model presets.").parse_args(argv)
+    width = max(map(len, PRESETS))
     for name, c in PRESETS.items():
         v, t = c.vision, c.text
+        text = "causal" if t.causal else "bidirectional"
         print(
-            f"{name:<20} image {v.image_size}px/{v.patch_size} w{v.width} d{v.depth}  "
-            f"text w{t.width} d{t.depth} ctx{t.context_length}  embed {c.embed_dim}"
+            f"{name:<{width}}  image {v.image_size}px/{v.patch_size} w{v.width} d{v.depth} pool {v.pool}  "
+            f"text w{t.width} d{t.depth} ctx{t.context_length} {text}  embed {c.embed_dim}"
         )
     return 0
 

@@ -2,11 +2,12 @@
 
 - `attention_rollout` (Abnar & Zuidema, 2020): each block's head-averaged attention, with the residual
   connection added as an identity and rows renormalised, multiplied from the first block to the last;
-  the class token's row over the patches says how much each patch flows into the image embedding.
+  the class token's row over the patches says how much each patch flows into the image embedding (for a
+  tower pooled otherwise, SigLIP's or CLIPA's, the mean of the patch tokens' rows).
 - `text_relevance` (Chefer, Gur & Wolf, 2021, "Generic Attention-model Explainability"): the gradient
   of the image-text score with respect to each block's attention probabilities, times those
   probabilities, negative parts dropped, averaged over heads, accumulated as R <- R + A_bar R from an
-  identity. The class token's row shows which patches raise the score of that prompt.
+  identity. The pooled row (as above) shows which patches raise the score of that prompt.
 
 Both return a (rows, columns) map over the patch grid, scaled to [0, 1]; `render_explanation` draws
 maps as heatmaps over the image the model saw (the same resize and crop, at a visible size) into a PNG.
@@ -58,10 +59,14 @@ def _as_batch(model: CLIP, image: Tensor) -> Tensor:
     return image.to(model.logit_scale.device, model.logit_scale.dtype)
 
 
-def _to_grid(model: CLIP, images: Tensor, cls_row: Tensor) -> Tensor:
-    """The class token's row over the patches (N,) -> (rows, columns) in [0, 1]."""
+def _to_grid(model: CLIP, images: Tensor, flow: Tensor) -> Tensor:
+    """A (P + N, P + N) flow matrix -> the pooled token's row over the patches as (rows, columns) in [0, 1]:
+    the class token's row, or the mean of the patch tokens' rows when the tower pools them."""
+    vision = model.config.vision
+    prefix = vision.num_prefix_tokens
+    row = flow[0] if vision.pool == "token" else flow[prefix:].mean(dim=0)
     rows, cols = model.visual.patch_embed.grid(images)
-    grid = cls_row[1:].reshape(rows, cols).float()  # (rows, columns)
+    grid = row[prefix:].reshape(rows, cols).float()  # (rows, columns)
     low, high = grid.min(), grid.max()
     return (grid - low) / (high - low) if high > low else torch.zeros_like(grid)
 
@@ -77,7 +82,7 @@ def attention_rollout(model: CLIP, image: Tensor) -> Heatmap:
     for attn in weights:
         a = attn[0].float().mean(dim=0) + eye  # (N, N): heads averaged, residual added
         rollout = (a / a.sum(dim=-1, keepdim=True)) @ rollout
-    return Heatmap(_to_grid(model, images, rollout[0]), "attention rollout")
+    return Heatmap(_to_grid(model, images, rollout), "attention rollout")
 
 
 def text_relevance(model: CLIP, image: Tensor, text: str) -> Heatmap:
@@ -97,7 +102,7 @@ def text_relevance(model: CLIP, image: Tensor, text: str) -> Heatmap:
     for attn, grad in zip(weights, grads):
         a_bar = (grad[0] * attn[0]).detach().float().clamp(min=0).mean(dim=0)  # (N, N)
         relevance = relevance + a_bar @ relevance
-    return Heatmap(_to_grid(model, images, relevance[0]), repr(text), float(score.detach()))
+    return Heatmap(_to_grid(model, images, relevance), repr(text), float(score.detach()))
 
 
 def model_view(model: CLIP, image: Image.Image, size: int = DISPLAY_SIZE) -> np.ndarray:

@@ -37,6 +37,7 @@ tokenizers turns parallelism off and warns once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -163,9 +164,8 @@ class HFTokenizer:
         self.num_truncated = 0
         directory, where = _tokenizer_directory(source, local_files_only)
         self.files = _tokenizer_files(directory, where)
-        self._files_digest = _files_digest(self.files)
-        self._hf = _load_transformers_tokenizer(directory, where)
-        self._content_ids = _pipeline(self._hf, where)
+        stamp = tuple((path.name, path.stat().st_mtime_ns, path.stat().st_size) for path in self.files)
+        self._files_digest, self._hf, self._content_ids = _load(directory, where, stamp)
         self._prefix, self._suffix = self._content_ids.prefix, self._content_ids.suffix
         self.vocab_size = len(self._hf)
         self.pad_token_id = self._hf.pad_token_id
@@ -355,6 +355,16 @@ def _tokenizer_files(directory: Path, where: str) -> list[Path]:
             "(tokenizer.save_pretrained(folder)) or the repo id of a model that ships one"
         )
     return files
+
+
+@functools.lru_cache(maxsize=8)
+def _load(directory: Path, where: str, stamp: tuple) -> tuple[str, Any, _RustPipeline | _SiglipPipeline]:
+    """The files' digest, transformers' tokenizer and the pipeline over it, built once per folder and kept
+    while the files are unchanged (`stamp`: their names, sizes and modification times): a model's tokenizer is
+    asked for often, and a 900k-token vocabulary takes seconds to read."""
+    files = [directory / name for name, _, _ in stamp]
+    hf = _load_transformers_tokenizer(directory, where)
+    return _files_digest(files), hf, _pipeline(hf, where)
 
 
 def _files_digest(files: list[Path]) -> str:

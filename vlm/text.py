@@ -98,8 +98,11 @@ class TextTower(nn.Module):
         return self.proj(pooled)
 
     def forward(self, text: Tensor) -> Tensor:
-        """Token ids (B, L) -> embeddings (B, embed_dim), not normalised."""
-        return self.project(self.pool(self.forward_features(text), text))
+        """Token ids (B, L) -> embeddings (B, embed_dim), not normalised; `project(pool(forward_features(text)))`,
+        with the last block computing only the pooled position of each row."""
+        x = self.embed(text)
+        index = self.pool_positions(text[:, : x.shape[1]])[:, None]  # (B, 1)
+        return self.project(self.norm(self.transformer.forward_queries(x, index, is_causal=self.config.causal))[:, 0])
 
     def no_weight_decay(self) -> set[str]:
         """Names of the embedding tables, which are excluded from weight decay."""

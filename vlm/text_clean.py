@@ -21,17 +21,17 @@ from collections.abc import Callable
 
 import ftfy
 
-__all__ = ["CLEAN_MODES", "get_clean_fn"]
+__all__ = ["CLEAN_MODES", "NEEDS_FULL_CLEAN", "get_clean_fn"]
 
 # Characters that ftfy.fix_text or html.unescape may change: non-ASCII, '&', and the control characters
 # ftfy deletes (below 0x20 except \t \n \f \r, which it keeps or turns into \n; and 0x7f).
-_NEEDS_FULL_CLEAN = re.compile(r"[^\t\n\x0c\r\x20-\x25\x27-\x7e]")
+NEEDS_FULL_CLEAN = re.compile(r"[^\t\n\x0c\r\x20-\x25\x27-\x7e]")
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def _basic_clean(text: str) -> str:
     """open_clip's `basic_clean` without its final `strip()`, which the whitespace collapse of every mode does."""
-    if _NEEDS_FULL_CLEAN.search(text):
+    if NEEDS_FULL_CLEAN.search(text):
         text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return text
 

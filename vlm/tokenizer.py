@@ -44,7 +44,6 @@ import bisect
 import functools
 import gzip
 import hashlib
-import html
 import importlib.util
 import itertools
 import logging
@@ -54,13 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import ftfy
 import numpy as np
 import regex
 import torch
 from tokenizers import models
 
 from .config import CLIP_TOKENIZER, CLIPConfig, TextConfig
+from .text_clean import NEEDS_FULL_CLEAN, get_clean_fn
 
 if TYPE_CHECKING:
     from .hf_tokenizer import HFTokenizer
@@ -84,15 +83,13 @@ _WORDS = regex.compile(
 # The same pattern for a lowercase ASCII chunk without whitespace, where \p{L} is [a-z], \p{N} is [0-9]
 # and case folding finds nothing to fold; the stdlib engine runs it three times faster.
 _ASCII_WORDS = re.compile(rf"{SOT_TOKEN}|{EOT_TOKEN}|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
-# Characters that ftfy.fix_text or html.unescape may change: non-ASCII, '&', and the control characters
-# ftfy deletes (below 0x20 except \t \n \f \r, which it keeps or turns into \n; and 0x7f).
-_NEEDS_FULL_CLEAN = re.compile(r"[^\t\n\x0c\r\x20-\x25\x27-\x7e]")
 # Entries per cache (chunks, words). About 150 bytes an entry: both full hold some 40 MB.
 _MAX_CACHED = 1 << 17
 _MAX_SHOWN_CHARS = 60
 # Stands between texts when a batch is joined into one string: a chunk of its own, never in a cleaned
 # text (the fast path does not take text with control characters, and ftfy deletes NUL).
 _TEXT_BREAK = "\x00"
+_clean_lower = get_clean_fn("lower")
 
 
 @dataclass(frozen=True)
@@ -201,7 +198,7 @@ def _current_chunk_ids() -> _ChunkIds:
 
 def _clean(text: str) -> str:
     """open_clip's `clean='lower'`: ftfy, HTML unescaping twice, whitespace collapsed, lower case."""
-    text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+    text = _clean_lower(text)
     assert _TEXT_BREAK not in text, "ftfy deletes NUL and html.unescape never makes one"
     return text
 
@@ -209,12 +206,12 @@ def _clean(text: str) -> str:
 def _needing_full_clean(texts: list[str]) -> list[int]:
     """Indices of the texts that ftfy or html.unescape might change, found in one scan of the batch."""
     joined = "".join(texts)
-    match = _NEEDS_FULL_CLEAN.search(joined)
+    match = NEEDS_FULL_CLEAN.search(joined)
     ends = list(itertools.accumulate(map(len, texts))) if match else []
     dirty = []
     while match:
         dirty.append(bisect.bisect_right(ends, match.start()))  # the text holding the match
-        match = _NEEDS_FULL_CLEAN.search(joined, ends[dirty[-1]])
+        match = NEEDS_FULL_CLEAN.search(joined, ends[dirty[-1]])
     return dirty
 
 

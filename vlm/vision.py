@@ -107,8 +107,16 @@ class VisionTower(nn.Module):
         return self.proj(pooled)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Images (B, 3, H, W) -> embeddings (B, embed_dim), not normalised."""
-        return self.project(self.pool(self.forward_features(images)))
+        """Images (B, 3, H, W) -> embeddings (B, embed_dim), not normalised.
+
+        Pooled at the class token, the last block computes that token alone (the patch tokens' outputs
+        would be thrown away); the result is `project(pool(forward_features(images)))`.
+        """
+        if self.config.pool != "token":
+            return self.project(self.pool(self.forward_features(images)))
+        x = self.embed(images)
+        first = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+        return self.project(self.norm(self.transformer.forward_queries(x, first))[:, 0])
 
     def head_modules(self) -> list[nn.Module]:
         """The modules that read the last block's output (final norm, attention pooling, projection): what

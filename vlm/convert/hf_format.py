@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..config import CLIP_TOKENIZER, OPENAI_MEAN, OPENAI_STD, CLIPConfig, TextConfig, VisionConfig
 from ..model import CLIP
-from .tables import Row, block_rows, from_vlm, linear_rows, model_from_state, norm_rows, to_vlm, unread_keys
+from .tables import Row, block_rows, from_vlm, linear_rows, model_from_state, norm_rows, stack_rows, to_vlm, unread_keys
 
 __all__ = [
     "HF_FAMILIES",
@@ -114,9 +114,7 @@ def _vision_rows(v: VisionConfig, family: str) -> list[Row]:
             *norm_rows("visual.norm_pre", "vision_model.pre_layrnorm"),
             (("visual.proj.weight",), "visual_projection.weight", "same"),
         ]
-    for i in range(v.depth):
-        rows += block_rows(f"visual.transformer.blocks.{i}.", f"vision_model.encoder.layers.{i}.", _HF_BLOCK, None)
-    return rows
+    return rows + stack_rows("visual.transformer.blocks.", "vision_model.encoder.layers.", v.depth, _HF_BLOCK, None)
 
 
 def _text_rows(t: TextConfig, family: str) -> list[Row]:
@@ -130,9 +128,7 @@ def _text_rows(t: TextConfig, family: str) -> list[Row]:
         rows += linear_rows("text.proj", "text_model.head", True)
     else:
         rows.append((("text.proj.weight",), "text_projection.weight", "same"))
-    for i in range(t.depth):
-        rows += block_rows(f"text.transformer.blocks.{i}.", f"text_model.encoder.layers.{i}.", _HF_BLOCK, None)
-    return rows
+    return rows + stack_rows("text.transformer.blocks.", "text_model.encoder.layers.", t.depth, _HF_BLOCK, None)
 
 
 def _table(config: CLIPConfig, family: str) -> list[Row]:
@@ -340,7 +336,8 @@ def hf_config_from_vlm(config: CLIPConfig) -> Any:
         layer_norm_eps=v.norm_eps,
     )
     if family in _SIGMOID:
-        text.update(projection_size=config.embed_dim, eos_token_id=t.eot_id if t.eot_id is not None else 1)
+        # SigLIP's vocabularies end texts with id 1 and have no start token.
+        text.update(projection_size=config.embed_dim, bos_token_id=None, eos_token_id=t.eot_id if t.eot_id is not None else 1)
         if family == "siglip2":
             vision["num_patches"] = v.num_patches
         else:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..config import CLIP_TOKENIZER, OPENAI_MEAN, OPENAI_STD, CLIPConfig, TextConfig, VisionConfig
 from ..model import CLIP
-from .tables import Row, block_rows, from_vlm, linear_rows, model_from_state, norm_rows, to_vlm, unread_keys
+from .tables import Row, block_rows, from_vlm, linear_rows, model_from_state, norm_rows, stack_rows, to_vlm, unread_keys
 
 __all__ = [
     "config_from_open_clip",
@@ -107,9 +107,7 @@ def _open_clip_vit_rows(v: VisionConfig) -> list[Row]:
     if v.norm_pre:
         rows += norm_rows("visual.norm_pre", "visual.ln_pre")
     ls = _OC_LAYER_SCALE if v.layer_scale is not None else None
-    for i in range(v.depth):
-        rows += block_rows(f"visual.transformer.blocks.{i}.", f"visual.transformer.resblocks.{i}.", _OC_BLOCK, ls)
-    return rows
+    return rows + stack_rows("visual.transformer.blocks.", "visual.transformer.resblocks.", v.depth, _OC_BLOCK, ls)
 
 
 def _timm_vit_rows(v: VisionConfig, head: str) -> list[Row]:
@@ -124,8 +122,7 @@ def _timm_vit_rows(v: VisionConfig, head: str) -> list[Row]:
     if v.norm_pre:
         rows += norm_rows("visual.norm_pre", t + "norm_pre")
     ls = _TIMM_LAYER_SCALE if v.layer_scale is not None else None
-    for i in range(v.depth):
-        rows += block_rows(f"visual.transformer.blocks.{i}.", f"{t}blocks.{i}.", _TIMM_BLOCK, ls)
+    rows += stack_rows("visual.transformer.blocks.", f"{t}blocks.", v.depth, _TIMM_BLOCK, ls)
     if v.pool == "map":
         rows.append((("visual.attn_pool.probe",), t + "attn_pool.latent", "squeeze1"))
         rows += block_rows("visual.attn_pool.", t + "attn_pool.", _TIMM_MAP, None)
@@ -146,9 +143,7 @@ def _text_rows(t: TextConfig, custom: bool) -> list[Row]:
     elif t.proj == "linear_bias":
         rows += linear_rows("text.proj", p + "text_projection", True)
     ls = _OC_LAYER_SCALE if t.layer_scale is not None else None
-    for i in range(t.depth):
-        rows += block_rows(f"text.transformer.blocks.{i}.", f"{p}transformer.resblocks.{i}.", _OC_BLOCK, ls)
-    return rows
+    return rows + stack_rows("text.transformer.blocks.", f"{p}transformer.resblocks.", t.depth, _OC_BLOCK, ls)
 
 
 def _table(config: CLIPConfig, layout: Layout, has_bias: bool) -> list[Row]:

@@ -34,6 +34,7 @@ __all__ = [
     "load_into",
     "model_from_state",
     "norm_rows",
+    "stack_rows",
     "to_vlm",
     "unread_keys",
 ]
@@ -63,6 +64,11 @@ def block_rows(ours: str, theirs: str, names: BlockNames, layer_scale: tuple[str
     if layer_scale is not None:
         rows += [((f"{ours}{m}.gamma",), theirs + t, "same") for m, t in zip(("ls1", "ls2"), layer_scale)]
     return rows
+
+
+def stack_rows(ours: str, theirs: str, depth: int, names: BlockNames, layer_scale: tuple[str, str] | None) -> list[Row]:
+    """`block_rows` of blocks 0..depth-1: ours at ``{ours}{i}.``, theirs at ``{theirs}{i}.``."""
+    return [row for i in range(depth) for row in block_rows(f"{ours}{i}.", f"{theirs}{i}.", names, layer_scale)]
 
 
 def _patch_size(linear_weight: Tensor) -> int:

@@ -82,13 +82,14 @@ class Attention(nn.Module):
         out, weights = _reference_attention(q, k, v, attn_mask, is_causal)
         return self._merge(out), weights
 
-    def attend(self, x: Tensor, context: Tensor) -> Tensor:
-        """Cross-attention: queries from `x` (B, M, C), keys and values from `context` (B, N, C) -> (B, M, C)."""
+    def attend(self, x: Tensor, context: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """Queries from `x` (B, M, C), keys and values from `context` (B, N, C) -> (B, M, C); `attn_mask` as in
+        `forward`, broadcastable to (B, H, M, N)."""
         q = self._heads(x, self.q_proj)
         k, v = self._fused_heads(context, (self.k_proj, self.v_proj))
         if not self.fused:
-            return self._merge(_reference_attention(q, k, v, None, False)[0])
-        return self._merge(F.scaled_dot_product_attention(q, k, v))
+            return self._merge(_reference_attention(q, k, v, attn_mask, False)[0])
+        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
 
 
 def _combine_causal(attn_mask: Tensor, n: int, dtype: torch.dtype) -> Tensor:

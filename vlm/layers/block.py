@@ -51,6 +51,20 @@ class Block(nn.Module):
         x = x + self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
+    def forward_queries(self, x: Tensor, index: Tensor, is_causal: bool = False) -> Tensor:
+        """`forward` at the positions `index` (B, M) only: (B, N, C) -> (B, M, C). Every token still serves
+        as key and value; with `is_causal`, the query at position p sees the keys up to p. What the other
+        positions would output is never computed: the last block of a tower that reads one token per row."""
+        C = x.shape[-1]
+        h = self.norm1(x)
+        rows = index[..., None].expand(-1, -1, C)  # (B, M, C)
+        mask = None
+        if is_causal:
+            keys = torch.arange(x.shape[1], device=x.device)
+            mask = (keys <= index[..., None])[:, None]  # (B, 1, M, N)
+        y = x.gather(1, rows) + self.ls1(self.attn.attend(h.gather(1, rows), h, attn_mask=mask))
+        return y + self.ls2(self.mlp(self.norm2(y)))
+
     def forward_with_weights(
         self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
     ) -> tuple[Tensor, Tensor]:

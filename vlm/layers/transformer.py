@@ -41,11 +41,24 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """(B, N, C) -> (B, N, C)."""
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
-            else:
-                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            x = self._run(block, x, attn_mask, is_causal)
         return x
+
+    def forward_queries(self, x: Tensor, index: Tensor, is_causal: bool = False) -> Tensor:
+        """The output at the positions `index` (B, M) only: (B, N, C) -> (B, M, C), equal to
+        ``forward(x).gather(...)``. The last block computes those rows and nothing else (`Block.forward_queries`):
+        a tower pooled at one token per row skips most of one block's work."""
+        for block in self.blocks[:-1]:
+            x = self._run(block, x, None, is_causal)
+        last = self.blocks[-1]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(last.forward_queries, x, index, is_causal, use_reentrant=False)
+        return last.forward_queries(x, index, is_causal)
+
+    def _run(self, block: nn.Module, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+        return block(x, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_with_weights(
         self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
