@@ -370,3 +370,18 @@ def test_a_tokenizer_that_ends_texts_with_another_id_is_refused(layouts):
                                "tokenizer_clean": "whitespace"})
     with pytest.raises(ValueError, match="pools at end-of-text id 5 .* ends texts with id 2; set eot_id=2"):
         vlm.get_tokenizer(text)
+
+
+def test_saving_over_a_saved_model_replaces_its_tokenizer(tmp_path, layouts):
+    target = tmp_path / "model"
+    config = vlm.get_preset("tiny-worldwide").replace(
+        text={"tokenizer": str(layouts["xlm-v"]), "vocab_size": 1002, "eot_id": 2, "tokenizer_clean": "whitespace"}
+    )
+    vlm.create_model(config).save_pretrained(target)
+    assert (target / "tokenizer" / "sentencepiece.bpe.model").is_file()
+    bert = config.replace(text={"tokenizer": str(layouts["bert"]), "vocab_size": 1600, "pool": "last", "eot_id": None,
+                                "strip_sep_token": True})
+    vlm.create_model(bert).save_pretrained(target)
+    assert sorted(p.name for p in (target / "tokenizer").iterdir()) == sorted(p.name for p in layouts["bert"].iterdir())
+    vlm.create_model("tiny").save_pretrained(target)
+    assert not (target / "tokenizer").exists() and vlm.load(target).tokenizer_path is None

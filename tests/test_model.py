@@ -329,3 +329,25 @@ def test_last_block_at_the_pooled_tokens_only_equals_the_full_stack(name):
             continue  # its true gradient is 0 (softmax ignores a shift shared by every key): round-off only
         error = (fast[2][n] - full[2][n]).abs().max()
         assert error <= 1e-5 * full[2][n].abs().max() + 1e-7, f"{n}: {error}"
+
+
+def test_stacked_projection_weights_follow_every_change():
+    """Without autograd the stacked q/k/v weights are reused; any change to a weight (an optimiser step, a
+    loaded state dict, a move) is seen at the next call."""
+    model = vlm.create_model("tiny-siglip").eval()
+    images, text = _inputs(model.config)
+    with torch.inference_mode():
+        first = model.encode_image(images)
+    other = vlm.create_model("tiny-siglip")
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), other.eval().encode_image(images))
+        model.visual.transformer.blocks[0].attn.k_proj.weight.mul_(2)
+        changed = model.encode_image(images)
+    assert not torch.allclose(changed, first) and not torch.allclose(changed, other.encode_image(images).detach())
+    attn = model.visual.transformer.blocks[0].attn
+    reference = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    with torch.no_grad():
+        assert torch.equal(attn._fused_weights((attn.q_proj, attn.k_proj, attn.v_proj))[0], reference)
+        model.double()
+        assert attn._fused_weights((attn.q_proj, attn.k_proj, attn.v_proj))[0].dtype == torch.float64

@@ -1,4 +1,4 @@
-"""Saving and loading models: vlm directories, open_clip names and files, Hugging Face CLIP directories.
+"""Saving and loading models: vlm directories, open_clip names, files and directories, transformers directories.
 
 Loading never executes code from a checkpoint: safetensors by default, and `.pt`/`.bin` files only
 through ``torch.load(weights_only=True)``, with no fallback to unrestricted unpickling.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -53,20 +54,28 @@ def save_pretrained(model: CLIP, directory: str | Path) -> Path:
 
 
 def _save_tokenizer(model: CLIP, target: Path) -> None:
+    """Replaces `target` with a copy of the model's tokenizer files (removes it for CLIP's vocabulary, which
+    ships with the library); the old folder stays until the new one is complete."""
     from .config import CLIP_TOKENIZER
     from .tokenizer import get_tokenizer
 
-    if model.config.text.tokenizer == CLIP_TOKENIZER:
-        return
     if model.tokenizer_path is not None and Path(model.tokenizer_path).resolve() == target.resolve():
+        return
+    if model.config.text.tokenizer == CLIP_TOKENIZER:
+        shutil.rmtree(target, ignore_errors=True)
         return
     try:
         tokenizer = get_tokenizer(model)
     except (OSError, ValueError) as err:
         logger.warning("saved the model without its tokenizer files (%s); copy them into %s", err, target)
         return
-    target.mkdir(exist_ok=True)
-    tokenizer.save(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer.save(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def tokenizer_dir(directory: str | Path) -> Path | None:
@@ -193,17 +202,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 
 def _from_state_dict(state: Mapping[str, Tensor], config: CLIPConfig, source: str) -> CLIP:
-    from .convert import detect_state_dict_format, hf_state_dict_to_vlm, model_from_state, open_clip_state_dict_to_vlm
+    from .convert import detect_state_dict_format, hf_state_dict_to_vlm, load_into, model_from_state
+    from .convert import open_clip_state_dict_to_vlm
 
     kind = detect_state_dict_format(state)
     try:
         if kind == "open_clip":
             return model_from_state(config, open_clip_state_dict_to_vlm(state, config))
         converted = hf_state_dict_to_vlm(state, config) if kind == "hf" else dict(state)
-        model = CLIP(config, device="meta").to_empty(device="cpu")
-        from .convert import load_into
-
-        return load_into(model, converted)
+        return load_into(CLIP(config, device="meta").to_empty(device="cpu"), converted)
     except (ValueError, RuntimeError) as err:
         raise ValueError(f"{source}: {err}") from err
 
@@ -219,8 +226,11 @@ def load(
     """Any model vlm can read, as a vlm `CLIP`.
 
     - a directory from `save_pretrained` (``config.json`` + ``model.safetensors``);
-    - a Hugging Face CLIP directory (``config.json`` with ``model_type: clip``), or a repo id such as
-      ``"openai/clip-vit-base-patch32"`` (downloaded by transformers when online);
+    - a transformers directory (``config.json`` with ``model_type`` clip, siglip, siglip2 or metaclip_2), or a
+      repo id such as ``"openai/clip-vit-base-patch32"`` or ``"google/siglip-base-patch16-224"`` (downloaded by
+      transformers when online);
+    - an open_clip directory (``open_clip_config.json`` with the weights and tokenizer files, as open_clip's
+      hub repos hold them);
     - an open_clip model name with a pretrained tag, ``load("ViT-B-32", pretrained="laion2b_s34b_b79k")``
       (downloaded through open_clip's own machinery when online, its cache offline), or with a local
       weights file, ``load("ViT-B-32", pretrained="/path/open_clip_pytorch_model.bin")``;
