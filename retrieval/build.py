@@ -5,6 +5,11 @@ Every operation can be killed and run again with the same arguments: embedding r
 (`retrieval.embedding_job`), and the commit writes a new version that becomes current in one rename
 (`retrieval.store`). Items are identified by their key (the image path), so running `add` again after a
 finished `add` adds nothing, and `upsert` replaces vectors and metadata under the same ids.
+
+An update copies the current version into the next, so it first verifies that version in full (every
+file's sha256, SQLite's check of the metadata), and after the change re-measures recall on the tuning
+queries stored with the index: damage in, or a version that misses its target recall out, is an error
+and nothing is published.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ from vlm.embed import embed_images, embed_texts
 from vlm.model import CLIP
 
 from .embedding_job import EmbeddingJob, EmbedOptions, barrier, dist_info, preprocessing
-from .index import INDEX_FILE, LISTS_FILE, SearchParams, VectorIndex, set_threads
+from .index import SearchParams, VectorIndex, set_threads
 from .kinds import IndexSpec, default_memory_budget, make_spec
 from .metadata import METADATA_FILE, MetadataStore
 from .sources import Collection, open_source
-from .store import IndexDirectory, Manifest
-from .tuning import TuningReport, tune
+from .store import IndexCorruptError, IndexDirectory, Manifest
+from .tuning import TuningReport, require_target, tune
 from .vectors import VectorStore, count_after, merge_sorted, write_vectors
 
 __all__ = ["BuildOptions", "UpdateReport", "build_index", "add_to_index", "remove_from_index", "QUERIES_FILE"]
@@ -36,8 +41,14 @@ __all__ = ["BuildOptions", "UpdateReport", "build_index", "add_to_index", "remov
 logger = logging.getLogger(__name__)
 
 QUERIES_FILE = "queries.npy"
-# Re-tune after updates that change the collection size by more than this fraction since the last tuning.
-RETUNE_DRIFT = 0.1
+_BUILD_MISSES = (
+    "the index was not written; lower --target-recall, pass queries like the ones users will send "
+    "(--tune-queries FILE), or use a kind that keeps full vectors (--kind ivf)"
+)
+_UPDATE_MISSES = (
+    "this version was not published. An index of full vectors (flat, ivf) that misses is damaged: rebuild it "
+    "with `vlm index build --overwrite`; compressed codes may need a lower --target-recall or a finer --kind there"
+)
 _METADATA_BATCH = 10_000
 _PROMPTS = (
     "a photo of a {}.",
@@ -84,6 +95,7 @@ class UpdateReport:
     removed: int = 0
     skipped: int = 0  # items already in the index (add without upsert), or ids not in it (remove)
     failures: list[Failure] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)  # files left out: they resolve outside the roots
     spec: IndexSpec | None = None
     tuning: dict | None = None
     seconds: float = 0.0
@@ -98,6 +110,8 @@ class UpdateReport:
                 parts.append(f"{name} {getattr(self, name)}")
         if self.failures:
             parts.append(f"{len(self.failures)} unreadable (not indexed)")
+        if self.outside:
+            parts.append(f"{len(self.outside)} outside the roots (not indexed; --root adds a folder)")
         if self.spec is not None:
             parts.append(f"index {self.spec.factory}{' (on disk)' if self.spec.on_disk else ''}")
         if self.tuning:
@@ -130,8 +144,8 @@ def build_index(
     store_dir = IndexDirectory(directory)
     fingerprint = model.fingerprint()
     digest = f"build-{collection.digest()}-{fingerprint[:8]}"
-    if store_dir.exists():
-        manifest = store_dir.read_manifest()
+    manifest = _replaced_manifest(store_dir, overwrite)
+    if manifest is not None:
         last = manifest.history[-1] if manifest.history else {}
         if last.get("job") == digest and not overwrite:  # this very build finished (then the process died?)
             _remove_job(store_dir.jobs_path() / digest)
@@ -145,7 +159,7 @@ def build_index(
     if job is None:
         return UpdateReport(store_dir.path, "worker", 0, 0)
     with store_dir.writer():
-        old = store_dir.read_manifest() if store_dir.exists() else None
+        old = _replaced_manifest(store_dir, overwrite)
         version = old.version + 1 if old else 1
         vdir = store_dir.new_version(version)
         failures: list[Failure] = []
@@ -170,6 +184,7 @@ def build_index(
             next_id=len(collection),
             tuning=report.to_dict() | {"count": len(store)},
             memory_budget=_budget(options),
+            roots=collection.roots,
             history=old.history if old else [],
         )
         store_dir.publish(manifest, {"action": "build", "added": len(store), "failed": len(failures), "job": digest})
@@ -182,10 +197,26 @@ def build_index(
         len(store),
         added=len(store),
         failures=failures,
+        outside=collection.outside,
         spec=spec,
         tuning=manifest.tuning,
         seconds=time.perf_counter() - start,
     )
+
+
+def _replaced_manifest(store_dir: IndexDirectory, overwrite: bool) -> Manifest | None:
+    """The manifest a build replaces: None when there is none, or when it is damaged and `overwrite` is
+    given (rebuilding is how a damaged index is repaired; the history starts again). IndexCorruptError
+    for a damaged one without `overwrite`."""
+    if not store_dir.exists():
+        return None
+    try:
+        return store_dir.read_manifest()
+    except IndexCorruptError:
+        if not overwrite:
+            raise
+        logger.warning("%s is damaged: the new build starts a new history", store_dir.manifest_path)
+        return None
 
 
 def _embed_on_every_process(
@@ -274,8 +305,11 @@ def _label_words(value: Any) -> str:
 
 
 def _tune(vindex: VectorIndex, xq: np.ndarray, source: str, options: BuildOptions, vdir: Path) -> TuningReport:
+    """Saves the tuning queries with the version and tunes on them; TargetRecallError when no knobs reach
+    the target."""
     np.save(vdir / QUERIES_FILE, np.ascontiguousarray(xq, dtype=np.float32))
-    return tune(vindex, xq, k=options.k, target_recall=options.target_recall, query_source=source)
+    report = tune(vindex, xq, k=options.k, target_recall=options.target_recall, query_source=source)
+    return require_target(report, vindex.spec.factory, _BUILD_MISSES)
 
 
 # ---- updates -------------------------------------------------------------------------------------
@@ -293,7 +327,7 @@ def add_to_index(
     start = time.perf_counter()
     set_threads(options.threads)
     store_dir = IndexDirectory(directory)
-    manifest = store_dir.read_manifest()
+    manifest = _verified_manifest(store_dir)
     _check_model(model, manifest, directory)
     collection = (
         source if isinstance(source, Collection) else open_source(source, modality=manifest.modality, **source_options)
@@ -304,14 +338,16 @@ def add_to_index(
     if not todo:
         _remove_finished_jobs(store_dir, manifest)
         logger.info("%s: all %d items are already indexed; nothing to add", directory, len(collection))
-        return UpdateReport(store_dir.path, "unchanged", manifest.version, manifest.count, skipped=skipped)
+        return UpdateReport(
+            store_dir.path, "unchanged", manifest.version, manifest.count, skipped=skipped, outside=collection.outside
+        )
     batch = collection.subset(todo)
     digest = f"add-{batch.digest()}-{manifest.model['fingerprint'][:8]}"
     job = _embed_on_every_process(store_dir, digest, model, batch, options)
     if job is None:
         return UpdateReport(store_dir.path, "worker", 0, 0)
     with store_dir.writer():
-        manifest = store_dir.read_manifest()  # another update may have committed meanwhile
+        manifest = _verified_manifest(store_dir, checked=manifest)  # another update may have committed meanwhile
         known = _current_meta(store_dir, manifest).ids_for_keys(batch.keys)
         shards = list(job.shards())
         positions = np.concatenate([s.positions for s in shards])
@@ -327,6 +363,7 @@ def add_to_index(
                 ids[j], next_id = next_id, next_id + 1
         rows = [{"id": int(i), **batch.row(int(p))} for i, p in zip(ids, positions)]
         updated = sum(1 for p in positions if batch.keys[p] in known)
+        manifest = replace(manifest, roots=_joined_roots(manifest.roots, collection.roots))
         action = {
             "action": "upsert" if upsert else "add",
             "added": len(ids) - updated,
@@ -354,6 +391,7 @@ def add_to_index(
         updated=updated,
         skipped=skipped,
         failures=failures,
+        outside=collection.outside,
         spec=IndexSpec.from_dict(manifest.spec),
         tuning=manifest.tuning,
         seconds=time.perf_counter() - start,
@@ -371,7 +409,7 @@ def remove_from_index(
     start = time.perf_counter()
     store_dir = IndexDirectory(directory)
     with store_dir.writer():
-        manifest = store_dir.read_manifest()
+        manifest = _verified_manifest(store_dir)
         meta = _current_meta(store_dir, manifest)
         wanted = {int(i) for i in ids}
         for path in paths:
@@ -403,6 +441,7 @@ def remove_from_index(
         removed=len(remove),
         skipped=skipped,
         spec=IndexSpec.from_dict(manifest.spec),
+        tuning=manifest.tuning,
         seconds=time.perf_counter() - start,
     )
 
@@ -418,8 +457,9 @@ def _commit(
     next_id: int,
     action: dict,
 ) -> Manifest:
-    """Writes the next version (metadata, vectors, index) from the current one plus the changes, then
-    publishes it. `add_ids` that are already present replace their old vectors (upsert)."""
+    """Writes the next version (metadata, vectors, index) from the current one plus the changes, re-tunes
+    it, then publishes it. `add_ids` that are already present replace their old vectors (upsert).
+    TargetRecallError, and nothing published, when the new version cannot reach the target recall."""
     old_dir = store_dir.version_path(manifest)
     new = replace(manifest, version=manifest.version + 1, next_id=next_id)
     vdir = store_dir.new_version(new.version)
@@ -434,53 +474,56 @@ def _commit(
         vdir, merge_sorted(old_store, remove, add_ids, add_xb), count_after(old_store, remove, add_ids), old_store.dim
     )
     spec = IndexSpec.from_dict(manifest.spec)
-    vindex = _open_for_update(old_dir, vdir, spec, SearchParams(**manifest.params), store)
-    vindex.remove(np.union1d(remove, add_ids))
-    vindex.add(add_ids, add_xb)
-    drifted = _drifted(manifest, len(store))
+    vindex = VectorIndex.read(old_dir, spec, SearchParams(**manifest.params), store)
+    vindex.update(np.union1d(remove, add_ids), add_ids, add_xb, vdir)
     if vindex.needs_compaction():
         logger.info("rebuilding the %s graph without its %d tombstones", spec.factory, vindex.dead)
         params = vindex.params
         vindex = VectorIndex.build(spec, store, vdir)
-        vindex.params, drifted = params, True
-    if (old_dir / QUERIES_FILE).is_file():
-        shutil.copyfile(old_dir / QUERIES_FILE, vdir / QUERIES_FILE)
-        if drifted and manifest.tuning:
-            t = manifest.tuning
-            report = tune(
-                vindex,
-                np.load(vdir / QUERIES_FILE),
-                k=t["k"],
-                target_recall=t["target_recall"],
-                query_source=t["query_source"],
-            )
-            new.tuning = report.to_dict() | {"count": len(store)}
+        vindex.params = params
+    new.tuning = _retune(vindex, old_dir, vdir, manifest.tuning)
     vindex.write(vdir)
     new.params, new.count = vindex.params.to_dict(), len(store)
     store_dir.publish(new, action)
     return new
 
 
-def _open_for_update(
-    old_dir: Path, vdir: Path, spec: IndexSpec, params: SearchParams, store: VectorStore
-) -> VectorIndex:
-    """The current index, loaded so that changes land in the new version only: on-disk lists are copied
-    into it first and opened read-write there (FAISS finds them next to the index file)."""
-    if not spec.on_disk:
-        return VectorIndex.read(old_dir, spec, params, store)
-    for name in (INDEX_FILE, LISTS_FILE):
-        shutil.copyfile(old_dir / name, vdir / name)
-    return VectorIndex.read(vdir, spec, params, store, writable=True)
-
-
-def _drifted(manifest: Manifest, count: int) -> bool:
-    tuned = (manifest.tuning or {}).get("count", manifest.count)
-    return abs(count - tuned) > RETUNE_DRIFT * max(tuned, 1)
+def _retune(vindex: VectorIndex, old_dir: Path, vdir: Path, tuning: dict | None) -> dict | None:
+    """The tuning record of the updated index: recall re-measured on the queries stored with the old
+    version (copied into the new one) and the knobs re-tuned, after every update, however small: an
+    update that damaged the index shows here. TargetRecallError when the target is out of reach. An
+    index without stored queries (or tuning) keeps its record and knobs."""
+    if not (old_dir / QUERIES_FILE).is_file():
+        return tuning
+    shutil.copyfile(old_dir / QUERIES_FILE, vdir / QUERIES_FILE)
+    if tuning is None:
+        return None
+    xq = np.load(vdir / QUERIES_FILE)
+    report = tune(vindex, xq, k=tuning["k"], target_recall=tuning["target_recall"], query_source=tuning["query_source"])
+    require_target(report, vindex.spec.factory, _UPDATE_MISSES)
+    return report.to_dict() | {"count": vindex.ntotal}
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def _verified_manifest(store_dir: IndexDirectory, checked: Manifest | None = None) -> Manifest:
+    """The current manifest, its version verified in full (every file's sha256, SQLite's own check of the
+    metadata): an update copies that version into the next and must not carry damage over.
+    IndexCorruptError naming the damaged file. A version already `checked` is not hashed again:
+    published versions are never written to."""
+    manifest = store_dir.read_manifest()
+    if checked is None or manifest.version != checked.version:
+        store_dir.verify(manifest, full=True)
+    return manifest
+
+
 def _current_meta(store_dir: IndexDirectory, manifest: Manifest) -> MetadataStore:
     return MetadataStore(store_dir.version_path(manifest) / METADATA_FILE)
+
+
+def _joined_roots(recorded: list[str] | None, added: list[str]) -> list[str] | None:
+    """The roots an index records after an add: the ones it had, then the new collection's, each once.
+    None (an index written before roots were recorded) stays None."""
+    return None if recorded is None else list(dict.fromkeys([*recorded, *added]))
 
 
 def _check_model(model: CLIP, manifest: Manifest, directory: str | Path) -> None:

@@ -136,6 +136,13 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default=None, help="the table's image path column (default: found by name)")
     parser.add_argument("--caption-column", default=None, help="the table's caption column (default: found by name)")
     parser.add_argument("--split", default=None, help="the split of a Hugging Face dataset with several")
+    parser.add_argument(
+        "--root",
+        action="append",
+        default=None,
+        help="a folder whose files may be indexed and served (repeatable; default: the folder of the source). "
+        "Files that resolve outside every root are left out and reported",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
     parser.add_argument("--chunk-size", type=int, default=4096, help="items per resumable shard")
@@ -149,7 +156,12 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _source_options(args: argparse.Namespace) -> dict:
-    return {"image_column": args.image_column, "caption_column": args.caption_column, "split": args.split}
+    return {
+        "image_column": args.image_column,
+        "caption_column": args.caption_column,
+        "split": args.split,
+        "roots": args.root,
+    }
 
 
 def _options(args: argparse.Namespace, **overrides):
@@ -196,7 +208,9 @@ def _remove(argv: list[str]) -> int:
 def _info(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlm index info", description="Describe an index directory.")
     parser.add_argument("directory")
-    parser.add_argument("--verify", action="store_true", help="check every file against its recorded sha256")
+    parser.add_argument(
+        "--verify", action="store_true", help="check every file's sha256, and the metadata with SQLite's quick_check"
+    )
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     args = parser.parse_args(argv)
     from .kinds import IndexSpec, format_bytes
@@ -229,7 +243,8 @@ def _info(argv: list[str]) -> int:
             f"tuning       recall@{t['k']} {t['recall']:.4f} (target {t['target_recall']}, "
             f"{'reached' if t['reached'] else 'NOT reached'}) on {t['queries']} queries: {t['query_source']}"
         )
-    lines.append(f"verified     {'all files (sha256)' if args.verify else 'sizes, and sha256 of small files'}")
+    checked = "all files (sha256), metadata (SQLite)" if args.verify else "sizes, and sha256 of small files"
+    lines.append(f"verified     {checked}")
     print("\n".join(lines))
     return 0
 
@@ -242,6 +257,7 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--image-column", default=None)
     parser.add_argument("--caption-column", default=None)
     parser.add_argument("--split", default=None)
+    parser.add_argument("--root", action="append", default=None, help="a folder the images may lie in (repeatable)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-progress", action="store_true")

@@ -7,6 +7,10 @@ number, a range selector keeps negative labels out of every search, and the grap
 stored vectors once tombstones pass `COMPACT_FRACTION` of it. The same id can then be added again
 (upsert) without its old vector coming back.
 
+On-disk inverted lists (a memory-mapped file next to the index) are written once and never resized:
+an update writes the next version's lists anew from the old entries it keeps and the new vectors, as a
+build does (FAISS moves a growing on-disk list over its neighbours, see `VectorIndex._rewrite_lists`).
+
 Filters are FAISS id selectors inside the search (``SearchParameters*(sel=...)``), never over-fetching.
 Subsets of at most `EXACT_SUBSET_MAX` ids are searched exactly over their stored vectors instead: an
 approximate index may hold fewer than k members of a tiny subset in the lists or graph region it visits.
@@ -14,19 +18,20 @@ approximate index may hold fewer than k members of a tiny subset in the lists or
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import faiss
 import numpy as np
 
 from .fsutil import fsync_file, quiet_stdout
 from .kinds import TRAIN_POINTS_PER_LIST, IndexSpec
-from .vectors import VectorStore
+from .vectors import CHUNK, VectorStore
 
 __all__ = ["SearchParams", "Neighbors", "VectorIndex", "set_threads", "exact_search", "INDEX_FILE", "LISTS_FILE"]
 
@@ -135,7 +140,8 @@ class VectorIndex:
         if not vindex.index.is_trained:
             vindex.train(store.sample(_train_size(spec, len(store)), seed))
         if spec.on_disk:
-            vindex._add_on_disk(store, directory, progress)
+            chunks = _progress(store.chunks(), progress, len(store), "indexing (on disk)")
+            vindex._merge_on_disk((_block(vindex.index, ids, xb) for ids, xb in chunks), directory)
         else:
             for ids, xb in _progress(store.chunks(), progress, len(store), "indexing"):
                 vindex.index.add_with_ids(xb, ids)
@@ -149,23 +155,25 @@ class VectorIndex:
         _limit_training(self.index)
         self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
-    def _add_on_disk(self, store: VectorStore, directory: Path, progress: bool) -> None:
-        """Each chunk becomes a small index file (one chunk in RAM at a time); FAISS's `merge_ondisk`
-        then streams all their lists into one memory-mapped file."""
+    def _merge_on_disk(self, blocks: Iterable[faiss.Index], directory: Path) -> None:
+        """Writes each block (an in-memory copy of this empty, trained index holding some entries) to a
+        file, then FAISS's `merge_ondisk` streams all their lists into `directory/LISTS_FILE`, which
+        this index then maps: one block in RAM at a time. Without any entries the lists stay in memory,
+        empty: FAISS cannot map an empty file."""
         from faiss.contrib.ondisk import merge_ondisk
 
-        blocks = directory / "blocks.tmp"
-        blocks.mkdir(exist_ok=True)
-        names = []
-        for i, (ids, xb) in enumerate(_progress(store.chunks(), progress, len(store), "indexing (on disk)")):
-            block = faiss.clone_index(self.index)
-            block.add_with_ids(xb, ids)
-            names.append(str(blocks / f"block{i:05d}.index"))
+        folder = directory / "blocks.tmp"
+        folder.mkdir(exist_ok=True)
+        names, total = [], 0
+        for i, block in enumerate(blocks):
+            names.append(str(folder / f"block{i:05d}.index"))
+            total += faiss.extract_index_ivf(block).invlists.compute_ntotal()
             faiss.write_index(block, names[-1])
-        with quiet_stdout():
-            merge_ondisk(self.index, names, str(directory / LISTS_FILE))
-        shutil.rmtree(blocks)
-        fsync_file(directory / LISTS_FILE)
+        if total:
+            with quiet_stdout():
+                merge_ondisk(self.index, names, str(directory / LISTS_FILE))
+            fsync_file(directory / LISTS_FILE)
+        shutil.rmtree(folder)
 
     # ---- updates --------------------------------------------------------------------------------
     @property
@@ -180,14 +188,42 @@ class VectorIndex:
             self._dead = int((self._id_map() < 0).sum()) if self._tombstones() else 0
         return self._dead
 
+    def update(self, remove: np.ndarray, add_ids: np.ndarray, add_xb: np.ndarray, directory: Path) -> None:
+        """Deletes the ids `remove`, then adds the vectors `add_xb` (n, d) under `add_ids` (n,); an id in
+        both is replaced (upsert). In-memory indexes change in place; on-disk lists are written anew
+        into `directory/LISTS_FILE`, the lists they were read from stay untouched (see `_rewrite_lists`)."""
+        if self.spec.on_disk:
+            self._rewrite_lists(remove, add_ids, add_xb, directory)
+        else:
+            self.remove(remove)
+            self.add(add_ids, add_xb)
+
+    def _rewrite_lists(self, remove: np.ndarray, add_ids: np.ndarray, add_xb: np.ndarray, directory: Path) -> None:
+        """Replaces the on-disk lists by new ones in `directory`: the old entries minus `remove`, then the
+        new vectors, merged from blocks as a build merges them.
+
+        FAISS cannot resize lists that `merge_ondisk` wrote: the merge leaves the whole file on the list
+        of free slots (`OnDiskInvertedLists::merge_from_multiple` calls `update_totsize`, which frees the
+        space it adds, then fills it with lists), so the first list that outgrows its slot on an add is
+        moved over other lists: ids lost, garbage ids read from codes, codes under the wrong id."""
+        old = self.index
+        self.index = _empty_copy(old)
+        kept = _kept_blocks(self.index, faiss.extract_index_ivf(old).invlists, np.asarray(remove, np.int64))
+        added = (_block(self.index, ids, xb) for ids, xb in _chunks(add_ids, add_xb))
+        self._merge_on_disk(itertools.chain(kept, added), directory)
+
     def add(self, ids: np.ndarray, xb: np.ndarray) -> None:
-        """Adds the vectors xb (n, d), L2-normalised, under their ids (n,) int64; in place."""
+        """Adds the vectors xb (n, d), L2-normalised, under their ids (n,) int64; in place (in-memory
+        indexes only: use `update`)."""
+        assert not self.spec.on_disk, "on-disk lists are rewritten by `update`, never resized"
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids):
             self.index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), ids)
 
     def remove(self, ids: np.ndarray) -> None:
-        """Deletes `ids` (unknown ids are ignored); in an HNSW graph they become tombstones."""
+        """Deletes `ids` (unknown ids are ignored); in an HNSW graph they become tombstones. In-memory
+        indexes only: use `update`."""
+        assert not self.spec.on_disk, "on-disk lists are rewritten by `update`, never resized"
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not len(ids):
             return
@@ -290,15 +326,15 @@ class VectorIndex:
         vectors: VectorStore | None,
         *,
         mmap: bool = False,
-        writable: bool = False,
     ) -> "VectorIndex":
-        """Reads `directory/INDEX_FILE`. On-disk lists are always memory-mapped (read-only unless
-        `writable`); `mmap=True` also maps the inverted lists of an in-memory IVF file."""
+        """Reads `directory/INDEX_FILE`. On-disk lists are always memory-mapped, read-only (updates write
+        new ones); `mmap=True` also maps the inverted lists of an in-memory IVF file. ValueError naming
+        the file when a file is unreadable or the lists file is shorter than the index says."""
         path = directory / INDEX_FILE
         flags = 0
         if spec.on_disk:
-            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (0 if writable else faiss.IO_FLAG_READ_ONLY)
-        elif mmap and spec.is_ivf and not writable:
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+        elif mmap and spec.is_ivf:
             flags = faiss.IO_FLAG_MMAP
         try:
             with quiet_stdout():
@@ -308,6 +344,7 @@ class VectorIndex:
                 f"cannot read the FAISS index {path}: it is corrupted or truncated ({_last_line(err)}); "
                 "restore the directory from a backup or rebuild it with `vlm index build`"
             ) from err
+        _check_lists_size(index, directory / LISTS_FILE)
         return cls(index, spec, params, vectors)
 
 
@@ -325,6 +362,69 @@ def _limit_training(index: faiss.Index) -> None:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and hasattr(ivf, "pq"):
         ivf.pq.cp.max_points_per_centroid = 64
+
+
+def _check_lists_size(index: faiss.Index, path: Path) -> None:
+    """ValueError unless on-disk lists, if `index` has them, are as long as it says: FAISS maps the file
+    without looking, and reading past its end kills the process (SIGBUS)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if isinstance(lists, faiss.OnDiskInvertedLists) and path.stat().st_size < lists.totsize:
+        raise ValueError(
+            f"{path} has {path.stat().st_size} bytes but its index needs {lists.totsize} (truncated); "
+            "restore the directory from a backup or rebuild it with `vlm index build`"
+        )
+
+
+def _block(empty: faiss.Index, ids: np.ndarray, xb: np.ndarray) -> faiss.Index:
+    """An in-memory copy of the trained, empty IVF index `empty` holding the vectors xb under ids."""
+    block = faiss.clone_index(empty)
+    block.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    return block
+
+
+def _kept_blocks(empty: faiss.Index, lists: faiss.InvertedLists, drop: np.ndarray) -> Iterator[faiss.Index]:
+    """Copies of `empty` holding the entries (codes as they are, no re-encoding) of `lists` whose ids are
+    not in `drop`, about CHUNK entries each."""
+    from faiss.contrib.inspect_tools import get_invlist
+
+    block, held = faiss.clone_index(empty), 0
+    for list_no in range(lists.nlist):
+        ids, codes = get_invlist(lists, list_no)
+        keep = ~np.isin(ids, drop)
+        if keep.any():
+            ids, codes = np.ascontiguousarray(ids[keep]), np.ascontiguousarray(codes[keep])
+            faiss.extract_index_ivf(block).invlists.add_entries(
+                list_no, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes)
+            )
+            held += len(ids)
+        if held >= CHUNK:
+            yield block
+            block, held = faiss.clone_index(empty), 0
+    if held:
+        yield block
+
+
+def _empty_copy(index: faiss.Index) -> faiss.Index:
+    """A trained copy of the IVF index `index` with empty in-memory lists. FAISS cannot clone on-disk
+    lists, so they are swapped out for empty ones while it copies."""
+    ivf = faiss.extract_index_ivf(index)
+    lists, own = ivf.invlists, ivf.own_invlists
+    blank = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    blank.this.disown()  # owned by `ivf` until the lists are swapped back, which frees it
+    ivf.own_invlists = False  # so swapping does not free the on-disk lists
+    ivf.replace_invlists(blank, True)
+    try:
+        copy = faiss.clone_index(index)
+    finally:
+        ivf.replace_invlists(lists, own)
+    copy.ntotal = faiss.extract_index_ivf(copy).ntotal = 0
+    return copy
+
+
+def _chunks(ids: np.ndarray, xb: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, len(ids), CHUNK):
+        yield ids[start : start + CHUNK], xb[start : start + CHUNK]
 
 
 def _removable(index: faiss.Index) -> bool:

@@ -151,8 +151,9 @@ class SearchIndex:
     ) -> SearchResults:
         """Nearest items to each query vector (a (d,) vector or an (nq, d) batch; L2-normalised here).
 
-        `where` restricts the search to items matching a metadata filter, `ids` to those ids (both may
-        be given). `fingerprint` names the model that embedded the queries: a different one is refused.
+        `where` restricts the search to items matching a metadata filter (`retrieval.filters`; FilterError,
+        a ValueError, when it is not one), `ids` to those ids (both may be given). `fingerprint` names the
+        model that embedded the queries: a different one is refused.
         """
         if fingerprint is not None and fingerprint != self.fingerprint:
             raise ValueError(
@@ -220,7 +221,8 @@ class SearchIndex:
         return bool(self.ids_for_path(path))
 
     def ids_where(self, where: str) -> np.ndarray:
-        """Ids matching the SQL condition `where`, ascending; ValueError for a bad or unsafe filter."""
+        """Ids matching the filter `where` (the language of `retrieval.filters`), ascending; FilterError (a
+        ValueError) for a filter outside that language or one running past the store's time limit."""
         return self.meta.ids_where(where)
 
     # ---- model ----------------------------------------------------------------------------------

@@ -7,34 +7,51 @@
 
 The model loads once. Text (and image) queries that arrive together are embedded in one batch
 (`MicroBatcher`).
-Files are served only when they belong to the index *and* their real path (symlinks resolved) lies
-under the collection's root folders, so neither `..` nor a symlink reaches anything else. Uploads
-are limited in bytes while reading and in pixels from the image header, before any decoding.
+
+What the service guarantees about files: it serves an item's own file only, and only when the file's real
+path lies inside the roots recorded when the index was built (or exactly the `--root` folders it is
+started with; never a folder above them), the last component is not a link (opened with ``O_NOFOLLOW``),
+and the opened file is still the one indexed (device, inode, size and modification time), so a file
+swapped or edited after indexing is refused with 404. Responses show paths relative to their root
+unless `show_paths` is set.
+
+What it guarantees about requests: a ``Host`` header outside the allow-list (local names by default) is
+refused (400), so a web page cannot reach the service through DNS rebinding; bodies are counted while
+they stream and cut at their limit (413) before anything is spooled past it; JSON is limited in size and
+nesting; ids outside int64 and wrongly typed fields are 422; filters are parsed by `retrieval.filters`
+(400 naming the bad token) and time-limited; uploads are limited in pixels from the image header, before
+any decoding.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import io
 import logging
 import os
 import queue
+import re
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi import Path as PathParam
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from vlm.images import ImageLoadError, load_image
 from vlm.transforms import image_transform
 
-from .search import SearchIndex, SearchResults
+from .metadata import Item, file_identity
+from .search import Hit, SearchIndex
+from .sources import is_inside
 
 __all__ = ["ServiceConfig", "MicroBatcher", "create_app", "serve_main"]
 
@@ -46,6 +63,10 @@ IMAGE_TYPES = {
     ".webp": "image/webp", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
     ".ppm": "image/x-portable-pixmap", ".pgm": "image/x-portable-graymap", ".pbm": "image/x-portable-bitmap",
 }
+INT64_MAX = 2**63 - 1  # item ids are SQLite integers
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+SHUTDOWN_SECONDS = 5  # after SIGTERM, requests still running get this long before the server stops
+MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and the small fields around an uploaded image
 
 
 @dataclass(frozen=True)
@@ -56,17 +77,30 @@ class ServiceConfig:
     max_text_chars: int = 500
     max_where_chars: int = 500
     max_upload_bytes: int = 10 * 2**20
+    max_json_bytes: int = 256 * 1024  # a JSON body holds one embedding and a few fields
+    max_json_depth: int = 8
     # 40 megapixels: a large phone photo; bigger uploads are refused from the header, before decoding.
     max_upload_pixels: int = 40_000_000
     thumbnail_size: int = 256
     batch_window_ms: float = 5.0  # how long the embedder waits for more queries to batch together
     max_batch: int = 64
-    # Folders whose files may be served; None: the common folder of the indexed paths.
+    # Folders whose files may be served; None: the roots the index recorded when it was built.
     roots: tuple[str, ...] | None = None
     filter_fields: tuple[str, ...] | None = None  # metadata columns offered as filters on the page
+    # Host header names the service answers to ("*": any); local names only by default.
+    allowed_hosts: tuple[str, ...] = LOCAL_HOSTS
+    show_paths: bool = False  # absolute file paths in responses (default: relative to their root)
 
     def __post_init__(self) -> None:
-        for name in ("max_k", "max_text_chars", "max_upload_bytes", "max_upload_pixels", "max_batch"):
+        for name in (
+            "max_k",
+            "max_text_chars",
+            "max_upload_bytes",
+            "max_json_bytes",
+            "max_json_depth",
+            "max_upload_pixels",
+            "max_batch",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ServiceConfig.{name} must be positive, got {getattr(self, name)}")
 
@@ -122,58 +156,70 @@ class MicroBatcher:
 
 
 class FileGuard:
-    """Decides whether a file may be served: it must be indexed and really live under a root."""
+    """Opens the files the service may serve (see the module docstring), and names them for responses."""
 
     def __init__(self, index: SearchIndex, roots: Sequence[str] | None) -> None:
         self.index = index
-        self.roots = [Path(os.path.realpath(r)) for r in (roots or _common_roots(index))]
+        recorded = index.manifest.roots
+        if roots is None and recorded is None:
+            logger.warning(
+                "%s records no root folders (it was built by an older vlm): no image files will be served; "
+                "start the service with --root FOLDER, or rebuild the index",
+                index.store.path,
+            )
+        self.roots = [os.path.realpath(r) for r in (roots if roots is not None else recorded or [])]
 
-    def check(self, path: str) -> Path | None:
-        """The real path of `path` if it is an indexed image that resolves (symlinks followed) inside a root
-        and exists; else None (refusals outside the roots are logged)."""
-        if not self.index.contains_path(path):
+    def open(self, item: Item) -> tuple[io.BufferedReader, os.stat_result] | None:
+        """The open file of `item` and its stat, or None when it may not be served (logged)."""
+        real = os.path.realpath(item.path) if item.path else ""
+        if not real or not is_inside(real, self.roots):
+            logger.warning("refused to serve item %d: %s is outside the roots %s", item.id, real, self.roots)
             return None
-        real = Path(os.path.realpath(path))
-        if not any(real == root or root in real.parents for root in self.roots):
-            logger.warning("refused to serve %s: it resolves to %s, outside %s", path, real, self.roots)
+        try:  # O_NOFOLLOW: a link put in the file's place after the check above is not followed
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
             return None
-        return real if real.is_file() else None
+        file = os.fdopen(fd, "rb")
+        stat = os.fstat(fd)
+        identity = file_identity(None, stat)
+        recorded = self.index.meta.indexed_identity(item.id)
+        if identity is None or (recorded is not None and identity != recorded):
+            file.close()
+            logger.warning("refused to serve item %d: %s is not the file that was indexed", item.id, real)
+            return None
+        return file, stat
 
-
-def _common_roots(index: SearchIndex) -> list[str]:
-    rows = index.meta.conn.execute("SELECT path FROM items").fetchall()
-    paths = [os.path.abspath(path) for (path,) in rows if path]
-    if not paths:
-        return []
-    return [os.path.commonpath([os.path.dirname(p) for p in paths])]
+    def public_path(self, path: str | None) -> str | None:
+        """`path` relative to the root it lies in (roots are not disclosed); other paths by their name."""
+        if not path or not os.path.isabs(path):
+            return path
+        for root in self.roots:
+            if is_inside(path, [root]):
+                return os.path.relpath(os.path.realpath(path), root)
+        return os.path.basename(path)
 
 
 def _filter_fields(index: SearchIndex, names: Sequence[str] | None, limit: int = 50) -> list[dict[str, Any]]:
     """Metadata columns with few distinct values, offered as drop-down filters on the page."""
-    conn = index.meta.conn
     columns = [c for c in index.meta.columns if c not in ("id", "key", "path", "caption")]
     fields = []
     for name in names if names is not None else columns:
         if name not in columns:
             raise ValueError(f"filter field {name!r} is not a metadata column; columns are {columns}")
-        values = [row[0] for row in conn.execute(f'SELECT DISTINCT "{name}" FROM items LIMIT {limit + 1}')]
-        values = [v for v in values if v is not None]
+        values = index.meta.distinct_values(name, limit + 1)
         if names is not None or len(values) <= limit:
             fields.append({"name": name, "values": sorted(str(v) for v in values)[:limit]})
     return fields
 
 
-def _results_json(results: SearchResults) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": hit.id,
-            "score": round(float(hit.score), 6),
-            "metadata": {"path": hit.path, "caption": hit.caption, **hit.extra},
-            "image_url": f"/items/{hit.id}/image",
-            "thumbnail_url": f"/items/{hit.id}/thumbnail",
-        }
-        for hit in results[0]
-    ]
+def _item_json(item: Item | Hit, guard: FileGuard, show_paths: bool) -> dict[str, Any]:
+    path = item.path if show_paths else guard.public_path(item.path)
+    return {
+        "id": item.id,
+        "metadata": {"path": path, "caption": item.caption, **item.extra},
+        "image_url": f"/items/{item.id}/image",
+        "thumbnail_url": f"/items/{item.id}/thumbnail",
+    }
 
 
 def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model_name: str | None = None):
@@ -189,34 +235,66 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
         lambda images: _embed_image_batch(model, images), window_ms=config.batch_window_ms, max_batch=config.max_batch
     )
     guard = FileGuard(index, config.roots)
+    thumbnails = _ThumbnailCache(config.thumbnail_size)
     fields = _filter_fields(index, config.filter_fields)
-    app = FastAPI(title="vlm search", version="1", description="Search an image-text index by text, image or vector.")
-    app.state.batcher, app.state.image_batcher = batcher, image_batcher
 
-    def run(xq: np.ndarray, k: int, where: str | None) -> dict[str, Any]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        index.close()  # interrupts metadata queries still running, so shutdown does not wait on them
+
+    app = FastAPI(
+        title="vlm search",
+        version="1",
+        description="Search an image-text index by text, image or vector.",
+        lifespan=lifespan,
+    )
+    app.state.index, app.state.batcher, app.state.image_batcher = index, batcher, image_batcher
+    allowed_hosts = {h.lower().strip("[]") for h in config.allowed_hosts}
+
+    @app.middleware("http")
+    async def check_host(request: Request, call_next: Any) -> Response:
+        host = _host_name(request.headers.get("host", ""))
+        if "*" not in allowed_hosts and host not in allowed_hosts:
+            return JSONResponse(
+                {"detail": f"Host {host!r} is not allowed; start the service with --allow-host {host or 'NAME'}"},
+                status_code=400,
+            )
+        return await call_next(request)
+
+    def run(xq: np.ndarray, k: int, where: Any) -> dict[str, Any]:
+        if where is not None and not isinstance(where, str):
+            kind = type(where).__name__
+            raise HTTPException(422, f"where must be a string (a filter such as \"label = 'cat'\"), got {kind}")
         if where is not None and len(where) > config.max_where_chars:
             raise HTTPException(422, f"where is longer than {config.max_where_chars} characters")
         started = time.perf_counter()
         try:
             results = index.search_vector(np.asarray(xq, dtype=np.float32).reshape(1, -1), k=k, where=where or None)
-        except ValueError as err:
+        except ValueError as err:  # a bad filter (retrieval.filters), or one over its time limit
             raise HTTPException(400, str(err)) from err
-        return {"results": _results_json(results), "took_ms": round(1000 * (time.perf_counter() - started), 2)}
+        except sqlite3.ProgrammingError as err:  # the metadata was closed under it: the service is stopping
+            raise HTTPException(503, "the service is shutting down") from err
+        hits = [{"score": round(float(h.score), 6), **_item_json(h, guard, config.show_paths)} for h in results[0]]
+        return {"results": hits, "took_ms": round(1000 * (time.perf_counter() - started), 2)}
 
-    def item_or_404(item_id: int):
+    def item_or_404(item_id: int) -> Item:
         item = index.get(item_id)
         if item is None:
             raise HTTPException(404, f"no item with id {item_id}")
         return item
 
-    def served_path(item_id: int) -> Path:
-        item = item_or_404(item_id)
-        path = guard.check(item.path)
-        if path is None or path.suffix.lower() not in IMAGE_TYPES:
+    def open_file(item_id: int) -> tuple[io.BufferedReader, os.stat_result, str]:
+        opened = guard.open(item_or_404(item_id))
+        kind = IMAGE_TYPES.get(Path(index.get(item_id).path or "").suffix.lower())
+        if opened is None or kind is None:
+            if opened is not None:
+                opened[0].close()
             raise HTTPException(404, f"item {item_id} has no image file this service may serve")
-        return path
+        return (*opened, kind)
 
     K = Query(10, ge=1, le=config.max_k, description="number of results")
+    ItemId = PathParam(..., ge=0, le=INT64_MAX, description="the item's id")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -230,7 +308,8 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
     def info() -> dict[str, Any]:
         manifest = index.manifest
         return {
-            "model": model_name or manifest.model.get("source") or manifest.model["fingerprint"],
+            "model": model_name or _public_model(manifest.model.get("source"), config.show_paths)
+            or manifest.model["fingerprint"],
             "fingerprint": index.fingerprint,
             "modality": index.modality,
             "index_kind": manifest.spec.get("kind") or manifest.spec.get("factory"),
@@ -243,9 +322,9 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
     @app.get("/search")
     def search_get(
         text: str | None = Query(None, description="the query text"),
-        like: int | None = Query(None, description="id of an item: find items like it"),
+        like: int | None = Query(None, ge=0, le=INT64_MAX, description="id of an item: find items like it"),
         k: int = K,
-        where: str | None = Query(None, description="SQL filter on metadata, e.g. label = 'cat'"),
+        where: str | None = Query(None, description="metadata filter, e.g. label = 'cat' (see the README's grammar)"),
     ) -> dict[str, Any]:
         if (text is None) == (like is None):
             raise HTTPException(422, "give exactly one of text= or like=")
@@ -268,13 +347,10 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
     async def search_post(request: Request) -> dict[str, Any]:
         kind = request.headers.get("content-type", "")
         if kind.startswith("application/json"):
-            body = await _read_limited(request, config.max_upload_bytes)
-            return _search_embedding(body)
+            body = await _read_limited(request, config.max_json_bytes)
+            return _search_embedding(_load_json(body, config.max_json_depth))
         if kind.startswith("multipart/form-data"):
-            declared = int(request.headers.get("content-length") or 0)
-            if declared > config.max_upload_bytes + 64 * 1024:
-                raise HTTPException(413, f"upload larger than {config.max_upload_bytes} bytes")
-            form = await request.form(max_files=1, max_fields=4)
+            form = await _read_form(request, config.max_upload_bytes + MULTIPART_OVERHEAD)
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise HTTPException(422, "multipart body needs an `image` file field")
@@ -283,18 +359,21 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
             return run(_embed_upload(data), k, form.get("where") or None)
         raise HTTPException(415, "send multipart/form-data with an `image` file, or JSON {\"embedding\": [...]}")
 
-    def _search_embedding(body: bytes) -> dict[str, Any]:
-        import json
-
-        try:
-            payload = json.loads(body)
-            vector = np.asarray(payload["embedding"], dtype=np.float32)
-        except (ValueError, KeyError, TypeError) as err:
-            raise HTTPException(422, f"JSON body must be {{\"embedding\": [numbers], \"k\": int}}: {err}") from err
+    def _search_embedding(payload: Any) -> dict[str, Any]:
+        if not isinstance(payload, dict) or not isinstance(payload.get("embedding"), list):
+            raise HTTPException(422, 'JSON body must be {"embedding": [numbers], "k": int, "where": "filter"}')
+        numbers = payload["embedding"]
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+            raise HTTPException(422, "embedding must be a list of numbers")
+        vector = np.asarray(numbers, dtype=np.float32)
         if vector.shape != (index.dim,):
-            raise HTTPException(422, f"embedding must have {index.dim} numbers, got shape {list(vector.shape)}")
-        k = _form_int(payload.get("k"), 10, config.max_k)
-        return run(vector, k, payload.get("where"))
+            raise HTTPException(422, f"embedding must have {index.dim} numbers, got {len(numbers)}")
+        if not np.isfinite(vector).all():
+            raise HTTPException(422, "embedding holds NaN or infinite numbers")
+        k = payload.get("k", 10)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise HTTPException(422, f"k must be an integer, got {k!r}")
+        return run(vector, _form_int(k, 10, config.max_k), payload.get("where"))
 
     transform = image_transform(model)
 
@@ -310,29 +389,46 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
         return image_batcher.embed(transform(image))
 
     @app.get("/items/{item_id}")
-    def item(item_id: int) -> dict[str, Any]:
-        found = item_or_404(item_id)
-        return {
-            "id": found.id,
-            "metadata": {"path": found.path, "caption": found.caption, **found.extra},
-            "image_url": f"/items/{found.id}/image",
-            "thumbnail_url": f"/items/{found.id}/thumbnail",
-        }
+    def item(item_id: int = ItemId) -> dict[str, Any]:
+        return _item_json(item_or_404(item_id), guard, config.show_paths)
 
     @app.get("/items/{item_id}/image")
-    def image(item_id: int) -> FileResponse:
-        path = served_path(item_id)
-        return FileResponse(path, media_type=IMAGE_TYPES[path.suffix.lower()])
+    def image(item_id: int = ItemId) -> StreamingResponse:
+        file, stat, kind = open_file(item_id)
+        return StreamingResponse(_chunks(file), media_type=kind, headers={"Content-Length": str(stat.st_size)})
 
     @app.get("/items/{item_id}/thumbnail")
-    def thumbnail(item_id: int) -> Response:
-        path = served_path(item_id)
-        data = _thumbnail(str(path), path.stat().st_mtime_ns, config.thumbnail_size)
+    def thumbnail(item_id: int = ItemId) -> Response:
+        file, stat, _ = open_file(item_id)
+        with file:
+            data = thumbnails.get(file, stat)
         if data is None:
             raise HTTPException(404, f"item {item_id}'s image cannot be decoded")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     return app
+
+
+def _host_name(header: str) -> str:
+    """The host name of a Host header, lower case, without port or IPv6 brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    name, _, port = header.rpartition(":")
+    return name if name and port.isdigit() else header
+
+
+def _public_model(source: str | None, show_paths: bool) -> str | None:
+    """The model's name for /info: a directory by its last component unless paths are shown."""
+    if source and not show_paths and os.path.isabs(source):
+        return os.path.basename(source.rstrip(os.sep))
+    return source
+
+
+def _chunks(file: io.BufferedReader, size: int = 1 << 16) -> Any:
+    with file:
+        while chunk := file.read(size):
+            yield chunk
 
 
 def _embed_image_batch(model: Any, images: list[Any]) -> np.ndarray:
@@ -357,6 +453,10 @@ def _form_int(value: Any, default: int, maximum: int) -> int:
 
 
 async def _read_limited(request: Any, limit: int) -> bytes:
+    """The request body, counted while it streams: 413 as soon as it passes `limit` bytes (or declares more)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body larger than {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -364,6 +464,38 @@ async def _read_limited(request: Any, limit: int) -> bytes:
             raise HTTPException(413, f"body larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _read_form(request: Any, limit: int) -> Any:
+    """The multipart form of a body of at most `limit` bytes (413 past it, read no further)."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    body = await _read_limited(request, limit)
+
+    async def stream() -> Any:
+        yield body
+
+    try:
+        return await MultiPartParser(request.headers, stream(), max_files=1, max_fields=4, max_part_size=limit).parse()
+    except MultiPartException as err:
+        raise HTTPException(400, f"bad multipart body: {err.message}") from err
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _load_json(body: bytes, max_depth: int) -> Any:
+    """The JSON value of `body`; 422 for bad JSON or nesting deeper than `max_depth` (checked before parsing)."""
+    import json
+
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', body), dtype=np.uint8)
+    nesting = np.cumsum(np.isin(bare, (0x5B, 0x7B)).astype(np.int64) - np.isin(bare, (0x5D, 0x7D)))
+    if nesting.size and nesting.max() > max_depth:
+        raise HTTPException(422, f"JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as err:
+        raise HTTPException(422, f"body is not JSON: {err}") from err
 
 
 def _check_pixels(data: bytes, max_pixels: int) -> None:
@@ -381,18 +513,37 @@ def _check_pixels(data: bytes, max_pixels: int) -> None:
         raise HTTPException(413, f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
 
 
-@lru_cache(maxsize=4096)
-def _thumbnail(path: str, mtime_ns: int, size: int) -> bytes | None:
-    from vlm.images import ImageLoadError, load_image
+class _ThumbnailCache:
+    """JPEG thumbnails of served files, keyed by file identity (a changed file gets a new one)."""
 
-    try:
-        image = load_image(path, draft_size=(size, size))
-    except ImageLoadError:
-        return None
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
+    def __init__(self, size: int, capacity: int = 4096) -> None:
+        self.size, self.capacity = size, capacity
+        self._cache: collections.OrderedDict[str, bytes | None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, file: io.BufferedReader, stat: os.stat_result) -> bytes | None:
+        """The thumbnail of the open `file`, or None when it cannot be decoded."""
+        key = file_identity(None, stat) or ""
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        data = self._make(file.read())
+        with self._lock:
+            self._cache[key] = data
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return data
+
+    def _make(self, encoded: bytes) -> bytes | None:
+        try:
+            image = load_image(encoded, draft_size=(self.size, self.size))
+        except ImageLoadError:
+            return None
+        image.thumbnail((self.size, self.size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
 
 
 def serve_main(argv: list[str]) -> int:
@@ -403,15 +554,36 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="model for queries (default: the one that built the index)")
-    parser.add_argument("--root", action="append", default=None, help="folder whose files may be served (repeatable)")
+    parser.add_argument(
+        "--root",
+        action="append",
+        default=None,
+        help="folder whose files may be served (repeatable; default: the roots the index was built with)",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        help="a Host name the service answers to besides localhost (repeatable; '*' for any)",
+    )
+    parser.add_argument("--show-paths", action="store_true", help="absolute file paths in responses")
     parser.add_argument("--max-k", type=int, default=ServiceConfig.max_k)
     args = parser.parse_args(argv)
     import uvicorn
 
     index = SearchIndex.open(args.index, model=args.model)
-    app = create_app(index, ServiceConfig(max_k=args.max_k, roots=tuple(args.root) if args.root else None), model_name=args.model)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    hosts = LOCAL_HOSTS + tuple(args.allow_host) + (() if args.host in ("0.0.0.0", "::") else (args.host,))
+    config = ServiceConfig(
+        max_k=args.max_k,
+        roots=tuple(args.root) if args.root else None,
+        allowed_hosts=hosts,
+        show_paths=args.show_paths,
+    )
+    app = create_app(index, config, model_name=args.model)
+    if args.host not in LOCAL_HOSTS:
         logger.warning("binding to %s: the service is reachable from other machines", args.host)
     print(f"serving {args.index} ({len(index)} items) at http://{args.host}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_SECONDS
+    )
     return 0

@@ -16,6 +16,12 @@ Hugging Face dataset, all turned into one `Collection`.
 Relative paths in list files and tables are relative to the file's own directory. Every item has a
 `key`, its identity across updates: the image's absolute path (or ``hf:<fingerprint>/<row>`` for
 dataset images without one); in a caption collection (``modality="text"``) the key is path + caption.
+
+**Roots.** A collection lists only files inside its roots: the folders the user gives (`roots=`, `--root`),
+by default the folder itself, or, for a list file, a table or a dataset of files, the folders its rows
+name (each once, without those inside another). A file whose real path (links resolved) lies outside
+them, such as a link in the folder that points elsewhere, is left out and reported in
+`Collection.outside`; the index records the roots, and the service serves files from them and nowhere else.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlm.data import IMAGE_EXTENSIONS, find_images
-from vlm.tables import TABLE_SUFFIXES, read_table, resolve_image_path
+from vlm.tables import TABLE_SUFFIXES, read_table, resolve_image_path, written_image_path
 
 __all__ = ["Collection", "Subset", "open_source", "MODALITIES", "TABLE_SUFFIXES", "LIST_SUFFIXES"]
 
@@ -57,6 +63,8 @@ class Collection:
     extra: dict[str, list[Any]] = field(default_factory=dict)
     modality: str = "image"
     description: str = ""
+    roots: list[str] = field(default_factory=list)  # real paths of the folders the files must lie in
+    outside: list[str] = field(default_factory=list)  # files left out: their real path is outside the roots
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -100,6 +108,7 @@ class Collection:
             extra={name: pick(values) for name, values in self.extra.items()},
             modality=self.modality,
             description=f"{len(positions)} of {self.description}",
+            roots=self.roots,
         )
 
 
@@ -123,12 +132,58 @@ def open_source(
     image_column: str | None = None,
     caption_column: str | None = None,
     split: str | None = None,
+    roots: Sequence[str | os.PathLike] | None = None,
 ) -> Collection:
-    """The `Collection` of `source`: a folder, list file, table, HF dataset directory or `datasets` object."""
+    """The `Collection` of `source`: a folder, list file, table, HF dataset directory or `datasets` object,
+    without the files outside `roots` (default: the source's own folder; see the module docstring)."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     rows = _open_rows(source, image_column, caption_column, split)
-    return _finish(rows, modality)
+    return keep_inside(_finish(rows, modality), rows.roots if roots is None else roots)
+
+
+def keep_inside(collection: Collection, roots: Sequence[str | os.PathLike]) -> Collection:
+    """`collection` without the items whose file's real path lies outside `roots` (listed in `.outside`
+    and logged); items read from bytes (dataset rows without a file) are kept."""
+    real_roots = [os.path.realpath(r) for r in roots]
+    for root in real_roots:
+        if not os.path.isdir(root):
+            raise ValueError(f"root {root} is not a folder; give the folders the indexed files live in")
+    files = _from_files(collection)
+    outside = sorted({p for p, file in zip(collection.paths, files) if file and not is_inside(p, real_roots)})
+    if outside:
+        logger.warning(
+            "%s: %d file(s) resolve outside %s and are not indexed, e.g. %s; pass --root for each folder "
+            "that may be indexed and served",
+            collection.description, len(outside), ", ".join(real_roots) or "any root", outside[0],
+        )
+        skip = set(outside)
+        keep = [i for i, p in enumerate(collection.paths) if p not in skip]
+        description = collection.description
+        collection = collection.subset(keep)
+        collection.description = description
+    collection.roots, collection.outside = real_roots, outside
+    return collection
+
+
+def is_inside(path: str | os.PathLike, real_roots: Sequence[str]) -> bool:
+    """Whether the real path of `path` (links resolved) is inside one of `real_roots` (real paths)."""
+    real = os.path.realpath(path)
+    return any(is_inside_folder(real, root) for root in real_roots)
+
+
+def is_inside_folder(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it, comparing the strings as given (nothing resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _from_files(collection: Collection) -> list[bool]:
+    """Whether each item is read from a file (a path), not from bytes (dataset rows without a file)."""
+    images = collection.images
+    base = images.base if isinstance(images, Subset) else images
+    if isinstance(base, _HFImageBytes):
+        return [False] * len(collection)
+    return [isinstance(image, (str, os.PathLike)) for image in images]
 
 
 @dataclass
@@ -141,6 +196,7 @@ class _Rows:
     extra: dict[str, list[Any]]
     description: str
     keys: list[str] | None = None  # defaults to the paths
+    roots: list[str] = field(default_factory=list)  # the folders the files are expected in
 
 
 def _open_rows(source: Any, image_column: str | None, caption_column: str | None, split: str | None) -> _Rows:
@@ -212,19 +268,31 @@ def _folder_rows(root: Path) -> _Rows:
     paths = [str(p.resolve()) for p in files]
     folders = [p.parent.relative_to(base).as_posix() if p.parent != base else "" for p in files]
     logger.info("%s: %d images", root, len(paths))
-    return _Rows(paths, paths, None, {"folder": folders}, f"folder {root} ({len(paths)} images)")
+    return _Rows(paths, paths, None, {"folder": folders}, f"folder {root} ({len(paths)} images)", roots=[str(base)])
+
+
+def _listed_folders(paths: Sequence[str]) -> list[str]:
+    """The folders of `paths` (absolute, as written: links not resolved), without those inside another."""
+    folders: list[str] = []
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}, key=lambda f: f.split(os.sep)):
+        if not folders or not is_inside_folder(folder, folders[-1]):
+            folders.append(folder)
+    return folders
 
 
 def _list_rows(path: Path) -> _Rows:
-    paths, captions = [], []
+    names, captions = [], []
     for line in path.read_text().splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, _, caption = line.partition("\t")
-        paths.append(resolve_image_path(name.strip(), path.parent))
+        names.append(name.strip())
         captions.append(caption.strip() or None)
+    paths = [resolve_image_path(name, path.parent) for name in names]
+    roots = _listed_folders([written_image_path(name, path.parent) for name in names])
     has_captions = any(c is not None for c in captions)
-    return _Rows(paths, paths, captions if has_captions else None, {}, f"list {path} ({len(paths)} lines)")
+    description = f"list {path} ({len(paths)} lines)"
+    return _Rows(paths, paths, captions if has_captions else None, {}, description, roots=roots)
 
 
 def _table_rows(path: Path, image_column: str | None, caption_column: str | None) -> _Rows:
@@ -233,11 +301,12 @@ def _table_rows(path: Path, image_column: str | None, caption_column: str | None
     image_col = _pick_column(columns, image_column, IMAGE_COLUMNS, path, "image", required=True)
     caption_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, path, "caption", required=False)
     paths = [resolve_image_path(str(r[image_col]), path.parent) for r in records]
+    roots = _listed_folders([written_image_path(str(r[image_col]), path.parent) for r in records])
     captions = (
         [None if r.get(caption_col) in (None, "") else str(r[caption_col]) for r in records] if caption_col else None
     )
     extra = {_column_name(c): [r.get(c) for r in records] for c in columns if c not in (image_col, caption_col)}
-    return _Rows(paths, paths, captions, extra, f"table {path} ({len(records)} rows)")
+    return _Rows(paths, paths, captions, extra, f"table {path} ({len(records)} rows)", roots=roots)
 
 
 def _pick_column(
@@ -296,7 +365,8 @@ def _hf_rows(ds: Any, image_column: str | None, caption_column: str | None, spli
     keys, paths, images = _hf_images(ds, image_col)
     captions = [None if c in (None, "") else str(c) for c in ds[caption_col]] if caption_col else None
     extra = {_column_name(c): _hf_column(ds, c) for c in columns if c not in (image_col, caption_col)}
-    return _Rows(paths, images, captions, extra, name, keys=keys)
+    roots = _listed_folders(images) if isinstance(images, list) else []
+    return _Rows(paths, images, captions, extra, name, keys=keys, roots=roots)
 
 
 def _hf_column(ds: Any, column: str) -> list[Any]:

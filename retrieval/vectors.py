@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .fsutil import fsync_file
+from .store import IndexCorruptError
 
 __all__ = ["VectorStore", "write_vectors", "merge_sorted", "count_after", "VECTORS_FILE", "IDS_FILE"]
 
@@ -31,19 +32,13 @@ class VectorStore:
 
     @classmethod
     def open(cls, directory: str | Path, *, mmap: bool = True) -> "VectorStore":
-        """The store in `directory` (memory-mapped unless `mmap=False`); ValueError telling to rebuild the
-        index when the files are unreadable or do not match."""
+        """The store in `directory` (memory-mapped unless `mmap=False`); IndexCorruptError (a ValueError)
+        naming the file and telling to rebuild the index when a file is unreadable or they do not match."""
         directory = Path(directory)
-        mode = "r" if mmap else None
-        try:
-            ids = np.load(directory / IDS_FILE, mmap_mode=mode)
-            xb = np.load(directory / VECTORS_FILE, mmap_mode=mode)
-        except (ValueError, OSError, EOFError) as err:
-            raise ValueError(
-                f"cannot read the vectors in {directory} ({err}); rebuild the index with `vlm index build`"
-            ) from err
+        ids = _load(directory / IDS_FILE, mmap)
+        xb = _load(directory / VECTORS_FILE, mmap)
         if ids.ndim != 1 or xb.ndim != 2 or len(ids) != len(xb) or ids.dtype != np.int64 or xb.dtype != np.float32:
-            raise ValueError(
+            raise IndexCorruptError(
                 f"{directory / VECTORS_FILE} and {directory / IDS_FILE} do not match "
                 f"({xb.shape} {xb.dtype} vs {ids.shape} {ids.dtype}); rebuild the index with `vlm index build`"
             )
@@ -86,6 +81,13 @@ class VectorStore:
             return np.ascontiguousarray(self.xb)
         rows = np.sort(np.random.default_rng(seed).choice(len(self.ids), count, replace=False))
         return np.ascontiguousarray(self.xb[rows])
+
+
+def _load(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as err:
+        raise IndexCorruptError(f"cannot read {path} ({err}); rebuild the index with `vlm index build`") from err
 
 
 def write_vectors(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from test_retrieval_support import write_images
@@ -86,3 +88,61 @@ def test_user_mistakes_are_clean_errors(setup, capsys):
 
 def index_build(root, source, out, *extra) -> int:
     return main(["index", "build", str(source), "--out", str(out), "--model", str(root / "model"), *extra])
+
+
+# ---- damaged index files: one clean error naming the file, nothing published -------------------
+VERSION_FILES = ("index.faiss", "lists.ivfdata", "metadata.sqlite", "vectors.npy", "ids.npy", "queries.npy")
+DAMAGES = {  # what each does to a file's bytes (None: delete the file)
+    "truncated": lambda data: data[: len(data) // 2],
+    "garbage": lambda data: np.random.default_rng(len(data)).bytes(len(data) // 3 + 17),
+    "same-size-edit": lambda data: _flip(data, len(data) // 2),
+    "missing": None,
+}
+
+
+def _flip(data: bytes, i: int) -> bytes:
+    return data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :]
+
+
+VERBS = {
+    "add": lambda root, d: ["index", "add", str(d), str(root / "more"), "--no-progress", "--batch-size", "4"],
+    "remove": lambda root, d: ["index", "remove", str(d), "--ids", "0"],
+    "info": lambda root, d: ["index", "info", str(d), "--verify"],
+    "search": lambda root, d: ["search", str(d), "--text", "a red square"],
+}
+CASES = [
+    (verb, name, damage)
+    for verb in VERBS
+    for name in VERSION_FILES + ("manifest.json",)
+    for damage in DAMAGES
+    if verb != "search" or damage != "same-size-edit"  # opening promises sizes; sha256 of all is --verify's
+]
+
+
+@pytest.fixture(scope="module")
+def on_disk_index(setup):
+    """An IVF index with on-disk lists: every file a version can have."""
+    root, *_ = setup
+    out = root / "on-disk.index"
+    assert index_build(root, root / "photos", out, "--kind", "ivf", "--on-disk", "--no-progress") == 0
+    assert set(VERSION_FILES) <= {p.name for p in (out / "v000001").iterdir()}
+    return out
+
+
+@pytest.mark.parametrize("verb,name,damage", CASES, ids=["-".join(case) for case in CASES])
+def test_damaged_files_give_one_line_errors_naming_them(verb, name, damage, setup, on_disk_index, tmp_path, capsys):
+    root, *_ = setup
+    directory = tmp_path / "index"
+    shutil.copytree(on_disk_index, directory)
+    path = directory / name if name == "manifest.json" else directory / "v000001" / name
+    if DAMAGES[damage] is None:
+        path.unlink()
+    else:
+        path.write_bytes(DAMAGES[damage](path.read_bytes()))
+    capsys.readouterr()
+    assert main(VERBS[verb](root, directory)) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith(("INFO ", "WARNING "))]
+    assert len(errors) == 1 and "error:" in errors[0] and name in errors[0], err
+    assert "Traceback" not in err
+    assert not (directory / "v000002").exists()  # nothing written, nothing published

@@ -86,7 +86,7 @@ def test_auto_picks_by_size_and_memory():
     pq = choose_spec(1_000_000, 512, gib)  # 2 GB of vectors do not fit; 32-byte codes do
     assert (pq.kind, pq.on_disk, pq.rerank) == ("ivfpq", False, True)
     assert pq.bytes_per_vector(512) <= 64
-    assert pq.factory == "OPQ32_512,IVF4096,PQ32"
+    assert pq.factory == "OPQ32_512,IVF4096,PQ32np"
     huge = choose_spec(100_000_000, 512, 4 * gib)
     assert (huge.kind, huge.on_disk) == ("ivfpq", True)
     assert choose_spec(60_000, 512, 4 * gib).kind == "ivf"  # past the exact-search size
@@ -190,3 +190,118 @@ def test_exact_search_merges_chunks_like_one_pass(data, store):
     whole = exact_search(data.xq[:20], store, 7)
     chunked = _topk_of(data.xq[:20], store.chunks(size=977), 7)
     np.testing.assert_array_equal(whole.I, chunked.I)
+
+
+# ---- updates: the index equals FAISS's encoding of the stored vectors ----------------------------
+def index_entries(vindex: VectorIndex) -> list[tuple[int, int, bytes]]:
+    """(id, inverted list, code) of every vector the FAISS index holds, sorted (flat: list 0 and the
+    vector's bytes). Read straight from FAISS's lists, not through any of our code."""
+    import faiss
+    from faiss.contrib.inspect_tools import get_invlist
+
+    ivf = faiss.try_extract_index_ivf(vindex.index)
+    if ivf is None:
+        ids = faiss.vector_to_array(vindex.index.id_map)
+        xb = vindex.index.index.reconstruct_n(0, vindex.index.ntotal)
+        return sorted((int(i), 0, x.tobytes()) for i, x in zip(ids, xb))
+    out = []
+    for list_no in range(ivf.nlist):
+        ids, codes = get_invlist(ivf.invlists, list_no)
+        out += [(int(i), list_no, c.tobytes()) for i, c in zip(ids, codes)]
+    return sorted(out)
+
+
+def expected_entries(vindex: VectorIndex, store) -> list[tuple[int, int, bytes]]:
+    """What the index must hold for `store`: FAISS's own encoding (list, code) of each stored vector,
+    which is what a fresh build with the same trained quantizers holds."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(vindex.index)
+    xb = np.ascontiguousarray(store.xb)
+    if ivf is None:
+        return sorted((int(i), 0, x.tobytes()) for i, x in zip(store.ids, xb))
+    codes = vindex.index.sa_encode(xb)
+    width = ivf.coarse_code_size()  # the list number comes first, little-endian
+    lists = [int.from_bytes(c[:width].tobytes(), "little") for c in codes]
+    return sorted((int(i), lst, c[width:].tobytes()) for i, lst, c in zip(store.ids, lists, codes))
+
+
+# what `auto` picks (flat, IVF-Flat, IVF-PQ with 4-bit codes below 10240 vectors and OPQ above, on
+# disk beyond the budget) and IVF-Flat on disk (--on-disk)
+UPDATE_SPECS = {
+    "flat": make_spec("flat", N, D),
+    "ivf": make_spec("ivf", N, D),
+    "ivf-disk": make_spec("ivf", N, D, on_disk=True),
+    "ivfpq": make_spec("ivfpq", N, D),
+    "ivfpq-disk": make_spec("ivfpq", N, D, on_disk=True),
+    "opq-disk": make_spec("ivfpq", 256 * 40, D, pq_m=4, on_disk=True),  # 4 sub-quantizers: quicker OPQ
+}
+
+
+@pytest.mark.parametrize("name", UPDATE_SPECS)
+def test_updates_equal_a_fresh_encoding_of_the_stored_vectors(name, data, tmp_path):
+    spec = UPDATE_SPECS[name]
+    ids = np.arange(N, dtype=np.int64) * 5 + 1
+    rng = np.random.default_rng(1)
+    first = vector_store(tmp_path / "v1", data.xb[:4000], ids[:4000])
+    vindex = VectorIndex.build(spec, first, tmp_path / "v1")
+    vindex.write(tmp_path / "v1")
+    store, previous = first, tmp_path / "v1"
+    # two updates in a row, each removing, replacing (upsert) and adding, as `_commit` applies them
+    for step, (start, stop) in enumerate([(4000, 5000), (5000, N)], start=2):
+        remove = rng.choice(np.asarray(store.ids), 300, replace=False)
+        upsert = rng.choice(np.setdiff1d(store.ids, remove), 100, replace=False)
+        add_ids = np.concatenate([upsert, ids[start:stop]])
+        new_xb = data.xq[100 * step : 100 * step + 100]  # unused elsewhere: no duplicate vectors, no ties
+        add_xb = np.concatenate([new_xb, data.xb[start:stop]])
+        vdir = tmp_path / f"v{step}"
+        store = write_vectors(
+            vdir, merge_sorted(store, remove, add_ids, add_xb), count_after(store, remove, add_ids), D
+        )
+        vindex = VectorIndex.read(previous, spec, SearchParams(), store)
+        vindex.update(np.union1d(remove, add_ids), add_ids, add_xb, vdir)
+        vindex.write(vdir)
+        vindex = VectorIndex.read(vdir, spec, SearchParams(), store)
+        assert vindex.ntotal == len(store)
+        assert index_entries(vindex) == expected_entries(vindex, store)
+        everything = SearchParams(nprobe=max(spec.nlist, 1), rerank=16 if spec.rerank else 0)
+        found, truth = vindex.search(data.xq[:100], 10, params=everything), exact_search(data.xq[:100], store, 10)
+        if not spec.rerank:
+            np.testing.assert_array_equal(np.sort(found.I, 1), np.sort(truth.I, 1))
+        previous = vdir
+
+
+def test_ivfpq_skips_polysemous_training_and_old_factories_still_load(data, store, tmp_path):
+    import faiss
+
+    small, large = make_spec("ivfpq", N, D), make_spec("ivfpq", 256 * 40, D)
+    assert small.factory.endswith(f"PQ{small.pq_m}x4np") and large.factory.endswith(f"PQ{large.pq_m}np")
+    for spec in (small, large):
+        index = VectorIndex.empty(spec, D).index  # held: the IVF part below is a view into it
+        assert not faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training
+    # a manifest written before: its factory string still builds, reads back and searches
+    old = IndexSpec.from_dict({**small.to_dict(), "factory": small.factory.removesuffix("np")})
+    vindex = VectorIndex.build(old, store, tmp_path)
+    vindex.write(tmp_path)
+    again = VectorIndex.read(tmp_path, old, SearchParams(nprobe=10_000, rerank=16), store)
+    assert recall_vs_exact(again.search(data.xq[:50], 10).I, exact_search(data.xq[:50], store, 10).I) >= 0.9
+
+
+def test_recall_counts_a_tie_with_the_kth_exact_score_as_found():
+    from retrieval.tuning import recall_per_query
+
+    I_true = np.array([[1, 2, 4], [1, 2, 4], [7, -1, -1]])
+    D_true = np.array([[0.9, 0.8, 0.7], [0.9, 0.8, 0.7], [0.5, -np.inf, -np.inf]])
+    I = np.array([[1, 2, 3], [1, 5, -1], [8, -1, -1]])
+    scores = np.array([[0.9, 0.8, 0.7], [0.9, 0.6, -np.inf], [0.5, -np.inf, -np.inf]])  # 3 ties 4, 8 ties 7
+    np.testing.assert_allclose(recall_per_query(I, I_true), [2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(recall_per_query(I, I_true, scores=scores, D_true=D_true), [1, 1 / 3, 1])
+
+
+def test_truncated_on_disk_lists_are_refused_before_they_are_mapped(store, tmp_path):
+    spec = make_spec("ivf", len(store), D, on_disk=True)
+    VectorIndex.build(spec, store, tmp_path).write(tmp_path)
+    lists = tmp_path / "lists.ivfdata"
+    lists.write_bytes(lists.read_bytes()[:1000])  # searching these would die of SIGBUS
+    with pytest.raises(ValueError, match=r"lists.ivfdata has 1000 bytes .*truncated"):
+        VectorIndex.read(tmp_path, spec, SearchParams(nprobe=4), store)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from test_retrieval_index import expected_entries, index_entries
 from test_retrieval_support import kill_when, python_process, write_images
 
 import vlm
@@ -222,3 +224,100 @@ def test_metadata_filters_are_read_only_sql(built, model):
     assert len(SearchIndex.open(directory, model=model)) == n
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["count"] == n
+
+
+# ---- updates of every kind `auto` picks: the index holds exactly its stored vectors ----------------
+# kind, on_disk. `auto` picks flat for small collections, IVF-Flat when the vectors fit the budget,
+# IVF-PQ when only the codes do, IVF-PQ with on-disk lists beyond that; --on-disk puts IVF-Flat lists
+# on disk too. Built explicitly here: `auto` would need 50k vectors to pick IVF.
+UPDATE_KINDS = [("flat", None), ("ivf", False), ("ivf", True), ("ivfpq", False), ("ivfpq", True)]
+FAST = BuildOptions(embed=EmbedOptions(progress=False, chunk_size=256))  # few, large shards
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    """160 images to build from (4 IVF lists), and 60 more to add."""
+    root = tmp_path_factory.mktemp("batches")
+    write_images(root / "first", 160, broken=0)
+    write_images(root / "second", 60, broken=0, start=500)
+    return root / "first", root / "second"
+
+
+def _assert_index_matches_its_vectors(index: SearchIndex) -> None:
+    """The same ids in the FAISS index, the vector store and the metadata, every id with the code of its
+    stored vector in the list that vector belongs to, and exact answers with every list visited."""
+    from retrieval.index import SearchParams, exact_search
+    from retrieval.tuning import recall_vs_exact
+
+    vindex, store = index.index, index.index.vectors
+    assert np.array_equal(index.meta.all_ids(), store.ids)
+    assert index_entries(vindex) == expected_entries(vindex, store)
+    xq = np.load(index.store.version_path(index.manifest) / "queries.npy")
+    everything = SearchParams(nprobe=max(vindex.spec.nlist, 1), rerank=16 if vindex.spec.rerank else 0)
+    found = vindex.search(xq, 10, params=everything)
+    if not vindex.spec.rerank:  # full vectors: visiting every list is exact search
+        assert recall_vs_exact(found.I, exact_search(xq, store, 10).I) == 1.0
+
+
+@pytest.mark.parametrize("kind,on_disk", UPDATE_KINDS, ids=[f"{k}{'-disk' if d else ''}" for k, d in UPDATE_KINDS])
+def test_updates_of_every_kind_hold_exactly_the_stored_vectors(kind, on_disk, batches, model, tmp_path):
+    first, second = batches
+    options = replace(FAST, kind=kind, on_disk=on_disk)
+    directory = tmp_path / "index"
+    steps = {
+        "build": lambda: build_index(first, directory, model, options=options),
+        "add": lambda: add_to_index(directory, second, model, options=options),
+        "remove": lambda: remove_from_index(directory, where="folder = 'green'"),
+        "upsert": lambda: add_to_index(directory, first, model, upsert=True, options=options),
+    }
+    for name, step in steps.items():
+        report = step()
+        assert report.action == name and report.spec.on_disk == bool(on_disk)
+        index = SearchIndex.open(directory, model=model)
+        assert len(index) == report.count == index.index.ntotal, name
+        _assert_index_matches_its_vectors(index)
+        tuning = index.manifest.tuning
+        assert tuning["reached"] and tuning["count"] == report.count, name  # re-measured on this version
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_an_update_that_misses_the_target_recall_is_refused(kind, batches, model, tmp_path, monkeypatch):
+    first, second = batches
+    directory = tmp_path / "index"
+    build_index(first, directory, model, options=replace(FAST, kind=kind))
+    one = tmp_path / "one"
+    write_images(one, 1, broken=0, start=900)
+    small = add_to_index(directory, one, model, options=FAST)  # far below any drift threshold
+    assert small.tuning["count"] == 161 and small.tuning["trials"]
+
+    from retrieval.index import VectorIndex
+
+    remove = VectorIndex.remove
+
+    def lossy_remove(self, ids):  # an update that loses a third of the index, as the on-disk lists did
+        remove(self, np.union1d(ids, np.asarray(self.vectors.ids[::3])))
+
+    monkeypatch.setattr(VectorIndex, "remove", lossy_remove)
+    with pytest.raises(ValueError, match=r"recall@10 .* below the target 0.95.*not published"):
+        add_to_index(directory, second, model, options=FAST)
+    assert IndexDirectory(directory).read_manifest().version == small.version
+    monkeypatch.setattr(VectorIndex, "remove", remove)
+    assert add_to_index(directory, second, model, options=FAST).count == 161 + 60
+
+
+def test_manifests_carry_their_own_checksum_and_older_ones_still_load(built, model):
+    directory, first, second, _ = built
+    path = directory / "manifest.json"
+    text = path.read_text()
+    data = json.loads(text)
+    assert data["format_version"] == 2 and all(record["sha256"] for record in data["files"].values())
+    path.write_text(text.replace('"count": 24', '"count": 25'))  # a same-size edit that still parses
+    with pytest.raises(IndexCorruptError, match="manifest.json does not match its own checksum"):
+        SearchIndex.open(directory, model=model)
+    older = {key: value for key, value in data.items() if key != "checksum"} | {"format_version": 1}
+    path.write_text(json.dumps(older, indent=2))  # as vlm wrote it before manifests had checksums
+    assert len(SearchIndex.open(directory, model=model)) == 24
+    assert add_to_index(directory, second, model, options=QUIET).count == 24 + 16
+    path.write_text(path.read_text().replace('"count": 40', '"count": 41'))
+    rebuilt = build_index(first, directory, model, options=QUIET, overwrite=True)  # how damage is repaired
+    assert (rebuilt.version, len(SearchIndex.open(directory, model=model))) == (1, 24)

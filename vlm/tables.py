@@ -52,6 +52,11 @@ def read_table(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def resolve_image_path(name: str, base: str | os.PathLike) -> str:
     """An image path from a table cell: `~` expanded, and relative paths taken from `base` (the
-    table's folder), as an absolute path."""
-    path = Path(os.path.expanduser(name))
-    return str((path if path.is_absolute() else Path(base) / path).resolve())
+    table's folder), as an absolute path with links resolved."""
+    return str(Path(written_image_path(name, base)).resolve())
+
+
+def written_image_path(name: str, base: str | os.PathLike) -> str:
+    """The absolute path a table cell names, as written: `~` expanded, relative paths taken from `base`,
+    `..` removed, links not followed."""
+    return os.path.abspath(os.path.join(base, os.path.expanduser(name)))
