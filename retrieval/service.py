@@ -51,7 +51,7 @@ from vlm.transforms import image_transform
 
 from .metadata import Item, file_identity
 from .search import Hit, SearchIndex
-from .sources import is_inside
+from .sources import is_inside, is_inside_folder
 
 __all__ = ["ServiceConfig", "MicroBatcher", "create_app", "serve_main"]
 
@@ -190,12 +190,13 @@ class FileGuard:
         return file, stat
 
     def public_path(self, path: str | None) -> str | None:
-        """`path` relative to the root it lies in (roots are not disclosed); other paths by their name."""
+        """`path` relative to the root it lies in (roots are not disclosed); other paths by their name.
+        String operations only: indexed paths are real paths, and this runs for every hit of every search."""
         if not path or not os.path.isabs(path):
             return path
         for root in self.roots:
-            if is_inside(path, [root]):
-                return os.path.relpath(os.path.realpath(path), root)
+            if is_inside_folder(path, root):
+                return path[len(root) :].lstrip(os.sep) or os.path.basename(path)
         return os.path.basename(path)
 
 
@@ -285,11 +286,10 @@ def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model
         return item
 
     def open_file(item_id: int) -> tuple[io.BufferedReader, os.stat_result, str]:
-        opened = guard.open(item_or_404(item_id))
-        kind = IMAGE_TYPES.get(Path(index.get(item_id).path or "").suffix.lower())
-        if opened is None or kind is None:
-            if opened is not None:
-                opened[0].close()
+        item = item_or_404(item_id)
+        kind = IMAGE_TYPES.get(Path(item.path or "").suffix.lower())
+        opened = guard.open(item) if kind is not None else None
+        if opened is None:
             raise HTTPException(404, f"item {item_id} has no image file this service may serve")
         return (*opened, kind)
 

@@ -44,16 +44,41 @@ def test_load_weights_file_with_config(tmp_path):
         vlm.load(tmp_path / "weights.pt")
 
 
-def test_pickled_objects_are_refused_not_executed(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (exec, ("import pathlib; pathlib.Path('pwned').write_text('x')",))
+class _Evil:
+    """A pickle that writes `target` when unpickled."""
 
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (exec, (f"import pathlib; pathlib.Path({self.target!r}).write_text('x')",))
+
+
+def test_the_evil_pickle_really_writes_its_target(tmp_path):
+    pickle.loads(pickle.dumps(_Evil(tmp_path / "pwned")))  # the check below looks where the payload writes
+    assert (tmp_path / "pwned").exists()
+
+
+def test_pickled_objects_are_refused_not_executed(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"state_dict": Evil()}, f)
+        pickle.dump({"state_dict": _Evil(tmp_path / "pwned")}, f)
     with pytest.raises(ValueError, match="weights_only=True"):
         load_state_dict_file(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_transformers_folder_with_pickled_weights_is_an_error_line(tmp_path, capsys):
+    from vlm.cli import main
+
+    vlm.to_hf(vlm.create_model("tiny")).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    with open(tmp_path / "hf" / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"text_model.embeddings.token_embedding.weight": _Evil(tmp_path / "pwned")}, f)
+    with pytest.raises(ValueError, match="pickled weights that are not a plain state dict"):
+        vlm.load(tmp_path / "hf")
+    assert main(["info", str(tmp_path / "hf")]) != 0
+    assert "pickled weights" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
 
 

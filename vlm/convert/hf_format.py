@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -301,6 +302,12 @@ def _load_hf(name: str | Path, local_files_only: bool | None) -> tuple[Any, dict
             f"could not load a transformers model from {str(name)!r} ({err}); give a directory written by "
             "save_pretrained, or a Hugging Face repo id while online"
         ) from err
+    except pickle.UnpicklingError as err:  # transformers loads .bin weights with torch.load(weights_only=True)
+        raise ValueError(
+            f"{name} holds pickled weights that are not a plain state dict (refused unread: loading them "
+            "could run code); get the model's safetensors weights, or re-save it from a trusted copy with "
+            "save_pretrained(safe_serialization=True)"
+        ) from None
     preprocessor = None
     if local and (path / "preprocessor_config.json").is_file():
         preprocessor = json.loads((path / "preprocessor_config.json").read_text())
