@@ -17,7 +17,7 @@ venv: .venv/.installed
 	touch $@
 
 demo: venv
-	$(PY) -m vlm.demo
+	$(PY) -m vlm demo
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table  # noqa: E402
 
 import vlm  # noqa: E402
+from demo.sample_data import write_digits  # noqa: E402
 from training.finetune import FinetuneConfig, ImageClassifier, LoadedImages, evaluate_classifier  # noqa: E402
 from training.finetune import finetune, load_images, shift_images, wise_ft_sweep, zeroshot_head  # noqa: E402
 from vlm.evaluation import labelled_folder  # noqa: E402
-from vlm.sample_data import write_digits  # noqa: E402
 
 TEMPLATES = ["a photo of the number {}.", "an image of a handwritten {}.", "a drawing of the digit {}."]
 # The recipes: 20 epochs of the 1,437 training images, layer decay, label smoothing, augmentation.

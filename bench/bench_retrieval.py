@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_retrieval.py [--n 1000000] [--d 512] [--kinds flat,hnsw,ivf,ivfpq,auto]
                                               [--memory-budget 4G] [--target 0.95] [--draft]
 
-The database is `retrieval.synthetic.clustered_vectors` (image-like clusters); the queries come from its
+The database is `clustered_vectors` of bench/synthetic.py (image-like clusters); the queries come from its
 shifted "text" distribution, as text queries to an image index do. Half the queries tune each index
 (`retrieval.tuning.tune`, target recall@10 `--target`, `--compressed-target` for IVF-PQ); the other half
 measure it. Every kind is compared with exact search (FAISS IndexFlatIP, all queries in one batch, so
@@ -28,10 +28,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import best_time, print_table  # noqa: E402
+from synthetic import clustered_vectors  # noqa: E402
 
 from retrieval.index import INDEX_FILE, LISTS_FILE, VectorIndex, exact_search, set_threads  # noqa: E402
 from retrieval.kinds import default_memory_budget, format_bytes, make_spec, parse_memory  # noqa: E402
-from retrieval.synthetic import clustered_vectors  # noqa: E402
 from retrieval.tuning import recall_vs_exact, tune  # noqa: E402
 from retrieval.vectors import write_vectors  # noqa: E402
 

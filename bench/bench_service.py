@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import start_server  # noqa: E402
 
 import vlm  # noqa: E402
-from vlm.sample_data import DIGIT_NAMES, write_digits  # noqa: E402
+from demo.sample_data import DIGIT_NAMES, write_digits  # noqa: E402
 
 QUERIES = [f"a handwritten {name}" for name in DIGIT_NAMES] + [f"the digit {d}" for d in range(10)]
 HOSTILE_FILTERS = [

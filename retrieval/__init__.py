@@ -11,9 +11,9 @@ with stable ids and SQLite metadata, tune it to a target recall, update it atomi
 _EXPORTS = {
     "BuildOptions": "build",
     "UpdateReport": "build",
-    "add_to_index": "build",
+    "add_to_index": "update",
     "build_index": "build",
-    "remove_from_index": "build",
+    "remove_from_index": "update",
     "EmbeddingJob": "embedding_job",
     "EmbedOptions": "embedding_job",
     "PairedRecall": "evaluate",

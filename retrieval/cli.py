@@ -119,11 +119,12 @@ def _add(argv: list[str]) -> int:
     )
     _add_source_arguments(parser)
     args = parser.parse_args(argv)
-    from .build import add_to_index
+    from .search import index_model
     from .store import IndexDirectory
+    from .update import add_to_index
 
     if args.model is None:  # the model that built the index, not the user's default
-        args.model = IndexDirectory(args.directory).read_manifest().model.get("source")
+        args.model = index_model(IndexDirectory(args.directory).read_manifest())
     model, _ = _model(args)
     report = add_to_index(
         args.directory, args.source, model, upsert=args.upsert, options=_options(args), **_source_options(args)
@@ -199,7 +200,7 @@ def _remove(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not (args.ids or args.paths or args.where):
         parser.error("say what to remove: --ids, --paths or --where")
-    from .build import remove_from_index
+    from .update import remove_from_index
 
     print(remove_from_index(args.directory, ids=args.ids, paths=args.paths, where=args.where).summary())
     return 0

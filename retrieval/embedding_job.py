@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from vlm.data import Failure, FailureLog, iter_image_batches
+from vlm.distributed import dist_info  # re-exported: build.py takes it from here
 from vlm.embed import embed_texts
 from vlm.model import CLIP
 from vlm.transforms import image_transform
@@ -83,11 +83,6 @@ class JobStatus:
     def complete(self) -> bool:
         """True when every chunk has its shard (on any rank)."""
         return self.done == self.chunks
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) under `accelerate launch` / torchrun, (0, 1) otherwise."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class EmbeddingJob:

@@ -4,18 +4,19 @@ The CLIP paper's definition: a query counts as a hit at k if *any* of its true p
 k results. Text-to-image: each caption has one true image. Image-to-text: each image has all its
 captions as true pairs. Search is exact (FAISS flat inner product on L2-normalised embeddings).
 
-`recall_at_k` is the metric alone, a pure function of ranked ids and true pairs; `vlm.metrics` (the
-training side) may hold a twin for score matrices.
+The metric itself is `vlm.metrics.recall_at_k_from_ids`, with the library's one tie rule: a caption or
+image scoring the same as the first true one counts ahead of it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from vlm.embed import embed_images, embed_texts
+from vlm.metrics import recall_at_k_from_ids
 from vlm.model import CLIP
 
 from .sources import open_source
@@ -40,21 +41,8 @@ class PairedRecall:
         return f"image->text {fmt(self.image_to_text)}\ntext->image {fmt(self.text_to_image)}\n({self.images} images, {self.texts} captions)"
 
 
-def recall_at_k(I: np.ndarray, positives: Sequence[Iterable[int]], ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
-    """For ranked result ids `I` (nq, >= max(ks)) and the true ids of each query, the fraction of
-    queries with at least one true id among their first k results, for each k in `ks`."""
-    I = np.asarray(I)
-    if I.ndim != 2 or len(I) != len(positives):
-        raise ValueError(f"I must be (nq, k) with one set of positives per query, got {I.shape} and {len(positives)}")
-    if max(ks) > I.shape[1]:
-        raise ValueError(f"recall@{max(ks)} needs at least {max(ks)} results per query, got {I.shape[1]}")
-    # first[i]: rank of the first true result of query i (a large number if none is found)
-    first = np.full(len(I), np.iinfo(np.int64).max)
-    for i, (row, true) in enumerate(zip(I, positives)):
-        ranks = np.nonzero(np.isin(row, np.fromiter(true, dtype=np.int64)))[0]
-        if len(ranks):
-            first[i] = ranks[0]
-    return {int(k): float((first < k).mean()) if len(first) else 0.0 for k in ks}
+# The name retrieval's recall had before it moved to the core.
+recall_at_k = recall_at_k_from_ids
 
 
 def paired_recall(
@@ -69,14 +57,21 @@ def paired_recall(
     if len(text_to_image) != len(xb_texts) or (len(text_to_image) and text_to_image.max() >= len(xb_images)):
         raise ValueError("text_to_image must give, for every caption, the index of an image")
     k = max(ks)
-    _, I_t2i = faiss.knn(xb_texts, xb_images, min(k, len(xb_images)), metric=faiss.METRIC_INNER_PRODUCT)
-    _, I_i2t = faiss.knn(xb_images, xb_texts, min(k, len(xb_texts)), metric=faiss.METRIC_INNER_PRODUCT)
     captions_of: list[list[int]] = [[] for _ in range(len(xb_images))]
     for j, i in enumerate(text_to_image):
         captions_of[i].append(j)
+    most_captions = max(map(len, captions_of), default=0)
+    # max(ks) + the number of true results: enough to see every tie with the first true result (see
+    # recall_at_k_from_ids).
+    D_t2i, I_t2i = faiss.knn(xb_texts, xb_images, min(k + 1, len(xb_images)), metric=faiss.METRIC_INNER_PRODUCT)
+    D_i2t, I_i2t = faiss.knn(
+        xb_images, xb_texts, min(k + most_captions, len(xb_texts)), metric=faiss.METRIC_INNER_PRODUCT
+    )
+    D_i2t, I_i2t = _pad(D_i2t, I_i2t, k)
+    D_t2i, I_t2i = _pad(D_t2i, I_t2i, k)
     return PairedRecall(
-        image_to_text=recall_at_k(_pad(I_i2t, k), captions_of, ks),
-        text_to_image=recall_at_k(_pad(I_t2i, k), [[i] for i in text_to_image], ks),
+        image_to_text=recall_at_k_from_ids(I_i2t, captions_of, ks, D=D_i2t),
+        text_to_image=recall_at_k_from_ids(I_t2i, [[i] for i in text_to_image], ks, D=D_t2i),
         images=len(xb_images),
         texts=len(xb_texts),
     )
@@ -105,6 +100,9 @@ def evaluate_pairs(
     return paired_recall(images.embeddings.numpy(), texts.numpy(), [readable[rows.paths[j]] for j in keep], ks)
 
 
-def _pad(I: np.ndarray, k: int) -> np.ndarray:
-    """Pads results to k columns with -1 (a collection smaller than k)."""
-    return I if I.shape[1] >= k else np.pad(I, ((0, 0), (0, k - I.shape[1])), constant_values=-1)
+def _pad(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pads results to k columns, ids with -1 and scores with -inf (a collection smaller than k)."""
+    if I.shape[1] >= k:
+        return D, I
+    width = ((0, 0), (0, k - I.shape[1]))
+    return np.pad(D, width, constant_values=-np.inf), np.pad(I, width, constant_values=-1)

@@ -1,4 +1,4 @@
-"""Durable file writes: write aside, fsync, rename, fsync the directory (so the rename survives power loss)."""
+"""File helpers of the retrieval package: durable writes (from `vlm.files`), content digests, and a quiet stdout."""
 
 from __future__ import annotations
 
@@ -8,31 +8,10 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-# The core's write-aside, fsync, rename, fsync-the-directory context manager, re-exported here.
-from vlm.checkpoint import atomic_path
+# The core's durable writes, re-exported under the names this package's modules import.
+from vlm.files import atomic_path, atomic_write_text, fsync_dir, fsync_file
 
 __all__ = ["atomic_path", "atomic_write_text", "fsync_file", "fsync_dir", "file_digest", "quiet_stdout"]
-
-
-def atomic_write_text(final: str | Path, text: str) -> None:
-    """Replaces `final` with `text` atomically and durably: readers see the old file or the new one, never a part."""
-    with atomic_path(final) as tmp:
-        tmp.write_text(text)
-
-
-def fsync_file(path: str | Path) -> None:
-    """Flushes `path`'s contents to disk (not its directory entry: see `fsync_dir`)."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Flushes the directory `path` to disk, so renames and new files in it survive a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -33,7 +33,7 @@ from .metadata import METADATA_FILE, Item, MetadataStore
 from .store import IndexDirectory, Manifest
 from .vectors import VectorStore
 
-__all__ = ["Hit", "SearchResults", "SearchIndex"]
+__all__ = ["Hit", "SearchResults", "SearchIndex", "index_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class SearchIndex:
     def _load_model(self) -> CLIP:
         from vlm.checkpoint import load
 
-        name = self._model_arg if isinstance(self._model_arg, (str, Path)) else self.manifest.model.get("source")
+        name = index_model(self.manifest, self._model_arg if isinstance(self._model_arg, (str, Path)) else None)
         if not name:
             raise ValueError(
                 f"{self.store.path} does not record which model built it; pass the model (--model) that has "
@@ -261,6 +261,12 @@ class SearchIndex:
     def close(self) -> None:
         """Closes the metadata connection."""
         self.meta.close()
+
+
+def index_model(manifest: Manifest, model: str | Path | None = None) -> str | Path | None:
+    """The model that embeds for an index: `model` when given, else the one its manifest records (None
+    when it records none: built from a preset plus weights, or by an older vlm)."""
+    return model if model is not None else manifest.model.get("source")
 
 
 @dataclass(frozen=True)

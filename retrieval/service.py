@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
@@ -53,7 +54,7 @@ from .metadata import Item, file_identity
 from .search import Hit, SearchIndex
 from .sources import is_inside, is_inside_folder
 
-__all__ = ["ServiceConfig", "MicroBatcher", "create_app", "serve_main"]
+__all__ = ["ServiceConfig", "ServiceState", "MicroBatcher", "create_app", "serve_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,190 +224,252 @@ def _item_json(item: Item | Hit, guard: FileGuard, show_paths: bool) -> dict[str
     }
 
 
+@dataclass(frozen=True)
+class ServiceState:
+    """What the routes of one app share (kept in `app.state.service`): the index, the limits, the
+    embedders that batch concurrent queries, and the guard of the files."""
+
+    index: SearchIndex
+    config: ServiceConfig
+    model_name: str | None
+    batcher: MicroBatcher  # texts
+    image_batcher: MicroBatcher  # preprocessed uploads
+    guard: FileGuard
+    thumbnails: _ThumbnailCache
+    fields: list[dict[str, Any]]  # filters offered on the page
+    transform: Any  # the model's image preprocessing, run in the request's thread
+    allowed_hosts: frozenset[str]
+
+    @classmethod
+    def start(cls, index: SearchIndex, config: ServiceConfig, model_name: str | None) -> "ServiceState":
+        """Loads the model and starts the embedding threads for `index`."""
+        model = index.model  # load once, at start-up, not on the first request
+        from vlm.embed import embed_texts
+
+        batching = {"window_ms": config.batch_window_ms, "max_batch": config.max_batch}
+        return cls(
+            index=index,
+            config=config,
+            model_name=model_name,
+            batcher=MicroBatcher(lambda texts: embed_texts(model, texts).numpy(), **batching),
+            image_batcher=MicroBatcher(lambda images: _embed_image_batch(model, images), **batching),
+            guard=FileGuard(index, config.roots),
+            thumbnails=_ThumbnailCache(config.thumbnail_size),
+            fields=_filter_fields(index, config.filter_fields),
+            transform=image_transform(model),
+            allowed_hosts=frozenset(h.lower().strip("[]") for h in config.allowed_hosts),
+        )
+
+
 def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model_name: str | None = None):
     """The FastAPI app serving `index` (see the module docstring)."""
     config = config or ServiceConfig()
-    model = index.model  # load once, at start-up, not on the first request
-    from vlm.embed import embed_texts
-
-    batcher = MicroBatcher(
-        lambda texts: embed_texts(model, texts).numpy(), window_ms=config.batch_window_ms, max_batch=config.max_batch
-    )
-    image_batcher = MicroBatcher(
-        lambda images: _embed_image_batch(model, images), window_ms=config.batch_window_ms, max_batch=config.max_batch
-    )
-    guard = FileGuard(index, config.roots)
-    thumbnails = _ThumbnailCache(config.thumbnail_size)
-    fields = _filter_fields(index, config.filter_fields)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        index.close()  # interrupts metadata queries still running, so shutdown does not wait on them
-
+    state = ServiceState.start(index, config, model_name)
     app = FastAPI(
         title="vlm search",
         version="1",
         description="Search an image-text index by text, image or vector.",
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
-    app.state.index, app.state.batcher, app.state.image_batcher = index, batcher, image_batcher
-    allowed_hosts = {h.lower().strip("[]") for h in config.allowed_hosts}
-
-    @app.middleware("http")
-    async def check_host(request: Request, call_next: Any) -> Response:
-        host = _host_name(request.headers.get("host", ""))
-        if "*" not in allowed_hosts and host not in allowed_hosts:
-            return JSONResponse(
-                {"detail": f"Host {host!r} is not allowed; start the service with --allow-host {host or 'NAME'}"},
-                status_code=400,
-            )
-        return await call_next(request)
-
-    def run(xq: np.ndarray, k: int, where: Any) -> dict[str, Any]:
-        if where is not None and not isinstance(where, str):
-            kind = type(where).__name__
-            raise HTTPException(422, f"where must be a string (a filter such as \"label = 'cat'\"), got {kind}")
-        if where is not None and len(where) > config.max_where_chars:
-            raise HTTPException(422, f"where is longer than {config.max_where_chars} characters")
-        started = time.perf_counter()
-        try:
-            results = index.search_vector(np.asarray(xq, dtype=np.float32).reshape(1, -1), k=k, where=where or None)
-        except ValueError as err:  # a bad filter (retrieval.filters), or one over its time limit
-            raise HTTPException(400, str(err)) from err
-        except sqlite3.ProgrammingError as err:  # the metadata was closed under it: the service is stopping
-            raise HTTPException(503, "the service is shutting down") from err
-        hits = [{"score": round(float(h.score), 6), **_item_json(h, guard, config.show_paths)} for h in results[0]]
-        return {"results": hits, "took_ms": round(1000 * (time.perf_counter() - started), 2)}
-
-    def item_or_404(item_id: int) -> Item:
-        item = index.get(item_id)
-        if item is None:
-            raise HTTPException(404, f"no item with id {item_id}")
-        return item
-
-    def open_file(item_id: int) -> tuple[io.BufferedReader, os.stat_result, str]:
-        item = item_or_404(item_id)
-        kind = IMAGE_TYPES.get(Path(item.path or "").suffix.lower())
-        opened = guard.open(item) if kind is not None else None
-        if opened is None:
-            raise HTTPException(404, f"item {item_id} has no image file this service may serve")
-        return (*opened, kind)
-
-    K = Query(10, ge=1, le=config.max_k, description="number of results")
-    ItemId = PathParam(..., ge=0, le=INT64_MAX, description="the item's id")
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> HTMLResponse:
-        return HTMLResponse((STATIC / "index.html").read_text())
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/info")
-    def info() -> dict[str, Any]:
-        manifest = index.manifest
-        return {
-            "model": model_name or _public_model(manifest.model.get("source"), config.show_paths)
-            or manifest.model["fingerprint"],
-            "fingerprint": index.fingerprint,
-            "modality": index.modality,
-            "index_kind": manifest.spec.get("kind") or manifest.spec.get("factory"),
-            "size": len(index),
-            "dim": index.dim,
-            "tuning": manifest.tuning,
-            "filters": fields,
-        }
-
-    @app.get("/search")
-    def search_get(
-        text: str | None = Query(None, description="the query text"),
-        like: int | None = Query(None, ge=0, le=INT64_MAX, description="id of an item: find items like it"),
-        k: int = K,
-        where: str | None = Query(None, description="metadata filter, e.g. label = 'cat' (see the README's grammar)"),
-    ) -> dict[str, Any]:
-        if (text is None) == (like is None):
-            raise HTTPException(422, "give exactly one of text= or like=")
-        if like is not None:
-            return run(_vector_of(like), k, where)
-        if not text.strip():
-            raise HTTPException(422, "text is empty")
-        if len(text) > config.max_text_chars:
-            raise HTTPException(422, f"text is longer than {config.max_text_chars} characters")
-        return run(batcher.embed(text), k, where)
-
-    def _vector_of(item_id: int) -> np.ndarray:
-        item_or_404(item_id)
-        vectors = index.index.vectors
-        if vectors is None or vectors.rows(np.array([item_id]))[0] < 0:
-            raise HTTPException(404, f"the index keeps no vector for item {item_id}")
-        return vectors.get(np.array([item_id]))[0]
-
-    @app.post("/search")
-    async def search_post(request: Request) -> dict[str, Any]:
-        kind = request.headers.get("content-type", "")
-        if kind.startswith("application/json"):
-            body = await _read_limited(request, config.max_json_bytes)
-            return _search_embedding(_load_json(body, config.max_json_depth))
-        if kind.startswith("multipart/form-data"):
-            form = await _read_form(request, config.max_upload_bytes + MULTIPART_OVERHEAD)
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise HTTPException(422, "multipart body needs an `image` file field")
-            data = await upload.read(config.max_upload_bytes + 1)
-            k = _form_int(form.get("k"), 10, config.max_k)
-            return run(_embed_upload(data), k, form.get("where") or None)
-        raise HTTPException(415, "send multipart/form-data with an `image` file, or JSON {\"embedding\": [...]}")
-
-    def _search_embedding(payload: Any) -> dict[str, Any]:
-        if not isinstance(payload, dict) or not isinstance(payload.get("embedding"), list):
-            raise HTTPException(422, 'JSON body must be {"embedding": [numbers], "k": int, "where": "filter"}')
-        numbers = payload["embedding"]
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
-            raise HTTPException(422, "embedding must be a list of numbers")
-        vector = np.asarray(numbers, dtype=np.float32)
-        if vector.shape != (index.dim,):
-            raise HTTPException(422, f"embedding must have {index.dim} numbers, got {len(numbers)}")
-        if not np.isfinite(vector).all():
-            raise HTTPException(422, "embedding holds NaN or infinite numbers")
-        k = payload.get("k", 10)
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise HTTPException(422, f"k must be an integer, got {k!r}")
-        return run(vector, _form_int(k, 10, config.max_k), payload.get("where"))
-
-    transform = image_transform(model)
-
-    def _embed_upload(data: bytes) -> np.ndarray:
-        if len(data) > config.max_upload_bytes:
-            raise HTTPException(413, f"upload larger than {config.max_upload_bytes} bytes")
-        _check_pixels(data, config.max_upload_pixels)
-        try:
-            image = load_image(data, max_pixels=config.max_upload_pixels)
-        except ImageLoadError as err:
-            raise HTTPException(400, f"not a readable image: {err.reason}") from err
-        # Decoding and resizing happen in the request's thread; the model sees a batch of uploads.
-        return image_batcher.embed(transform(image))
-
-    @app.get("/items/{item_id}")
-    def item(item_id: int = ItemId) -> dict[str, Any]:
-        return _item_json(item_or_404(item_id), guard, config.show_paths)
-
-    @app.get("/items/{item_id}/image")
-    def image(item_id: int = ItemId) -> StreamingResponse:
-        file, stat, kind = open_file(item_id)
-        return StreamingResponse(_chunks(file), media_type=kind, headers={"Content-Length": str(stat.st_size)})
-
-    @app.get("/items/{item_id}/thumbnail")
-    def thumbnail(item_id: int = ItemId) -> Response:
-        file, stat, _ = open_file(item_id)
-        with file:
-            data = thumbnails.get(file, stat)
-        if data is None:
-            raise HTTPException(404, f"item {item_id}'s image cannot be decoded")
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
-
+    app.state.service = state
+    app.state.index, app.state.batcher, app.state.image_batcher = index, state.batcher, state.image_batcher
+    app.middleware("http")(_check_host)
+    app.include_router(_router(config.max_k))
     return app
+
+
+# ---- routes --------------------------------------------------------------------------------------
+# The route functions have no docstrings on purpose: FastAPI would publish them in /openapi.json.
+ITEM_ID = PathParam(..., ge=0, le=INT64_MAX, description="the item's id")
+
+
+def _router(max_k: int) -> APIRouter:
+    """The service's routes, in the schema's order; built per app because `k`'s upper bound (checked by
+    FastAPI and shown in the schema) is the app's `max_k`."""
+    search_get = functools.partial(_search_get, k=Query(10, ge=1, le=max_k, description="number of results"))
+    search_get.__doc__ = None  # else the schema would describe the route with `partial`'s own docstring
+    router = APIRouter()
+    router.add_api_route("/", _page, name="page", response_class=HTMLResponse, include_in_schema=False)
+    router.add_api_route("/health", _health, name="health")
+    router.add_api_route("/info", _info, name="info")
+    router.add_api_route("/search", search_get, name="search_get")
+    router.add_api_route("/search", _search_post, name="search_post", methods=["POST"])
+    router.add_api_route("/items/{item_id}", _item, name="item")
+    router.add_api_route("/items/{item_id}/image", _image, name="image")
+    router.add_api_route("/items/{item_id}/thumbnail", _thumbnail, name="thumbnail")
+    return router
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> Any:
+    yield
+    app.state.service.index.close()  # interrupts metadata queries still running, so shutdown does not wait on them
+
+
+async def _check_host(request: Request, call_next: Any) -> Response:
+    host = _host_name(request.headers.get("host", ""))
+    allowed = request.app.state.service.allowed_hosts
+    if "*" not in allowed and host not in allowed:
+        return JSONResponse(
+            {"detail": f"Host {host!r} is not allowed; start the service with --allow-host {host or 'NAME'}"},
+            status_code=400,
+        )
+    return await call_next(request)
+
+
+async def _service(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def _page() -> HTMLResponse:
+    return HTMLResponse((STATIC / "index.html").read_text())
+
+
+def _health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _info(state: ServiceState = Depends(_service)) -> dict[str, Any]:
+    index, manifest = state.index, state.index.manifest
+    return {
+        "model": state.model_name or _public_model(manifest.model.get("source"), state.config.show_paths)
+        or manifest.model["fingerprint"],
+        "fingerprint": index.fingerprint,
+        "modality": index.modality,
+        "index_kind": manifest.spec.get("kind") or manifest.spec.get("factory"),
+        "size": len(index),
+        "dim": index.dim,
+        "tuning": manifest.tuning,
+        "filters": state.fields,
+    }
+
+
+def _search_get(
+    state: ServiceState = Depends(_service),
+    text: str | None = Query(None, description="the query text"),
+    like: int | None = Query(None, ge=0, le=INT64_MAX, description="id of an item: find items like it"),
+    k: int = Query(10, ge=1, description="number of results"),  # `_router` adds the app's upper bound
+    where: str | None = Query(None, description="metadata filter, e.g. label = 'cat' (see the README's grammar)"),
+) -> dict[str, Any]:
+    if (text is None) == (like is None):
+        raise HTTPException(422, "give exactly one of text= or like=")
+    if like is not None:
+        return _search(state, _vector_of(state, like), k, where)
+    if not text.strip():
+        raise HTTPException(422, "text is empty")
+    if len(text) > state.config.max_text_chars:
+        raise HTTPException(422, f"text is longer than {state.config.max_text_chars} characters")
+    return _search(state, state.batcher.embed(text), k, where)
+
+
+async def _search_post(request: Request, state: ServiceState = Depends(_service)) -> dict[str, Any]:
+    config = state.config
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("application/json"):
+        body = await _read_limited(request, config.max_json_bytes)
+        return _search_embedding(state, _load_json(body, config.max_json_depth))
+    if kind.startswith("multipart/form-data"):
+        form = await _read_form(request, config.max_upload_bytes + MULTIPART_OVERHEAD)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(422, "multipart body needs an `image` file field")
+        data = await upload.read(config.max_upload_bytes + 1)
+        k = _form_int(form.get("k"), 10, config.max_k)
+        return _search(state, _embed_upload(state, data), k, form.get("where") or None)
+    raise HTTPException(415, "send multipart/form-data with an `image` file, or JSON {\"embedding\": [...]}")
+
+
+def _item(item_id: int = ITEM_ID, state: ServiceState = Depends(_service)) -> dict[str, Any]:
+    return _item_json(_item_or_404(state, item_id), state.guard, state.config.show_paths)
+
+
+def _image(item_id: int = ITEM_ID, state: ServiceState = Depends(_service)) -> StreamingResponse:
+    file, stat, kind = _open_file(state, item_id)
+    return StreamingResponse(_chunks(file), media_type=kind, headers={"Content-Length": str(stat.st_size)})
+
+
+def _thumbnail(item_id: int = ITEM_ID, state: ServiceState = Depends(_service)) -> Response:
+    file, stat, _ = _open_file(state, item_id)
+    with file:
+        data = state.thumbnails.get(file, stat)
+    if data is None:
+        raise HTTPException(404, f"item {item_id}'s image cannot be decoded")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+
+# ---- what the routes do --------------------------------------------------------------------------
+def _search(state: ServiceState, xq: np.ndarray, k: int, where: Any) -> dict[str, Any]:
+    """The response of a search for the vector `xq`: hits with scores and metadata, and the time taken."""
+    config = state.config
+    if where is not None and not isinstance(where, str):
+        kind = type(where).__name__
+        raise HTTPException(422, f"where must be a string (a filter such as \"label = 'cat'\"), got {kind}")
+    if where is not None and len(where) > config.max_where_chars:
+        raise HTTPException(422, f"where is longer than {config.max_where_chars} characters")
+    started = time.perf_counter()
+    try:
+        results = state.index.search_vector(np.asarray(xq, dtype=np.float32).reshape(1, -1), k=k, where=where or None)
+    except ValueError as err:  # a bad filter (retrieval.filters), or one over its time limit
+        raise HTTPException(400, str(err)) from err
+    except sqlite3.ProgrammingError as err:  # the metadata was closed under it: the service is stopping
+        raise HTTPException(503, "the service is shutting down") from err
+    hits = [{"score": round(float(h.score), 6), **_item_json(h, state.guard, config.show_paths)} for h in results[0]]
+    return {"results": hits, "took_ms": round(1000 * (time.perf_counter() - started), 2)}
+
+
+def _item_or_404(state: ServiceState, item_id: int) -> Item:
+    item = state.index.get(item_id)
+    if item is None:
+        raise HTTPException(404, f"no item with id {item_id}")
+    return item
+
+
+def _open_file(state: ServiceState, item_id: int) -> tuple[io.BufferedReader, os.stat_result, str]:
+    item = _item_or_404(state, item_id)
+    kind = IMAGE_TYPES.get(Path(item.path or "").suffix.lower())
+    opened = state.guard.open(item) if kind is not None else None
+    if opened is None:
+        raise HTTPException(404, f"item {item_id} has no image file this service may serve")
+    return (*opened, kind)
+
+
+def _vector_of(state: ServiceState, item_id: int) -> np.ndarray:
+    _item_or_404(state, item_id)
+    vectors = state.index.index.vectors
+    if vectors is None or vectors.rows(np.array([item_id]))[0] < 0:
+        raise HTTPException(404, f"the index keeps no vector for item {item_id}")
+    return vectors.get(np.array([item_id]))[0]
+
+
+def _search_embedding(state: ServiceState, payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict) or not isinstance(payload.get("embedding"), list):
+        raise HTTPException(422, 'JSON body must be {"embedding": [numbers], "k": int, "where": "filter"}')
+    numbers = payload["embedding"]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+        raise HTTPException(422, "embedding must be a list of numbers")
+    vector = np.asarray(numbers, dtype=np.float32)
+    dim = state.index.dim
+    if vector.shape != (dim,):
+        raise HTTPException(422, f"embedding must have {dim} numbers, got {len(numbers)}")
+    if not np.isfinite(vector).all():
+        raise HTTPException(422, "embedding holds NaN or infinite numbers")
+    k = payload.get("k", 10)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise HTTPException(422, f"k must be an integer, got {k!r}")
+    return _search(state, vector, _form_int(k, 10, state.config.max_k), payload.get("where"))
+
+
+def _embed_upload(state: ServiceState, data: bytes) -> np.ndarray:
+    config = state.config
+    if len(data) > config.max_upload_bytes:
+        raise HTTPException(413, f"upload larger than {config.max_upload_bytes} bytes")
+    _check_pixels(data, config.max_upload_pixels)
+    try:
+        image = load_image(data, max_pixels=config.max_upload_pixels)
+    except ImageLoadError as err:
+        raise HTTPException(400, f"not a readable image: {err.reason}") from err
+    # Decoding and resizing happen in the request's thread; the model sees a batch of uploads.
+    return state.image_batcher.embed(state.transform(image))
 
 
 def _host_name(header: str) -> str:

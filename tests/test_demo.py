@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +21,11 @@ def _printed(label: str, text: str) -> float:
 def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     from vlm.cli import main as vlm_main
     from vlm.defaults import get_default_model
-    from vlm.demo import main
 
     monkeypatch.setenv("VLM_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("VLM_MODEL", raising=False)
     out = tmp_path / "demo"
-    assert main(["--quick", "--output", str(out), "--no-progress"]) == 0
+    assert vlm_main(["demo", "--quick", "--output", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
 
     # Accuracies on the 360 held-out digits, far above chance even after the reduced training.
@@ -63,10 +64,27 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert ImageClassifier.from_pretrained(out / "classifier").class_names[7] == "seven"
 
 
+def test_demo_verb_dispatches_to_the_demo_package(capsys):
+    from vlm.cli import main as vlm_main
+
+    with pytest.raises(SystemExit) as exit_:
+        vlm_main(["demo", "--help"])
+    assert exit_.value.code == 0 and "usage: vlm demo" in capsys.readouterr().out
+
+
+def test_sample_data_and_report_load_without_the_trainer():
+    # The core's tests write the digits with demo.sample_data: that must not pull in the layers above the core.
+    above = ("training", "retrieval", "accelerate", "faiss", "demo.run")
+    code = f"import sys, demo.sample_data, demo.report; print([m for m in {above!r} if m in sys.modules])"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_report_is_self_contained_and_escaped(tmp_path):
     from PIL import Image
 
-    from vlm.report import Figure, Grid, Section, Table, Tile, write_report
+    from demo.report import Figure, Grid, Section, Table, Tile, write_report
 
     image = tmp_path / "elsewhere" / "a.png"
     image.parent.mkdir()

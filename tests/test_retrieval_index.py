@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_retrieval_support import vector_store
 
 from retrieval.index import SearchParams, VectorIndex, exact_search
 from retrieval.kinds import IndexSpec, choose_spec, make_spec, parse_memory
-from retrieval.synthetic import clustered_vectors
 from retrieval.tuning import recall_vs_exact, tune
 from retrieval.vectors import count_after, merge_sorted, write_vectors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the synthetic data is benchmark data
+from synthetic import clustered_vectors  # noqa: E402
 
 D = 32
 N = 6000  # below 256 * 40 points: PQ codes use 4-bit sub-quantizers, which train in well under a second

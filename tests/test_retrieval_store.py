@@ -15,10 +15,11 @@ from test_retrieval_index import expected_entries, index_entries
 from test_retrieval_support import kill_when, python_process, write_images
 
 import vlm
-from retrieval.build import BuildOptions, add_to_index, build_index, remove_from_index
+from retrieval.build import BuildOptions, build_index
 from retrieval.embedding_job import EmbedOptions
 from retrieval.search import SearchIndex
 from retrieval.store import IndexCorruptError, IndexDirectory
+from retrieval.update import add_to_index, remove_from_index
 
 QUIET = BuildOptions(embed=EmbedOptions(progress=False, chunk_size=8, batch_size=4))
 
@@ -121,8 +122,9 @@ def test_publish_crash_between_write_and_rename_keeps_the_old_version(built, mod
 KILL_DURING_UPDATE = """
 import os, signal, sys, time
 import retrieval.store, vlm
-from retrieval.build import BuildOptions, add_to_index
+from retrieval.build import BuildOptions
 from retrieval.embedding_job import EmbedOptions
+from retrieval.update import add_to_index
 directory, source, model_dir, stage = sys.argv[1:]
 model = vlm.load(model_dir).eval()
 if stage == "embedding":  # slow batches, so that the kill lands while shards are being written

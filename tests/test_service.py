@@ -268,6 +268,25 @@ def test_served_roots_are_the_recorded_ones_and_never_wider(folder_index, tmp_pa
         assert response.status_code == 404 and b"text file" not in response.content
 
 
+def test_an_indexed_file_outside_the_served_roots_is_refused_by_the_guard(tmp_path):
+    # Both folders are indexed (the index's root is their parent); the service serves one of them. The
+    # URLs are well-formed ids of real, plain files, so routing lets them through: only the guard refuses.
+    photos = tmp_path / "photos"
+    for folder, colour in (("served", COLOURS["red"]), ("other", COLOURS["blue"])):
+        (photos / folder).mkdir(parents=True)
+        Image.new("RGB", (32, 32), colour).save(photos / folder / "0.png")
+    torch.manual_seed(0)
+    model = vlm.create_model("tiny").eval()
+    build_index(photos, tmp_path / "index", model, options=QUIET)
+    index = SearchIndex.open(tmp_path / "index", model=model)
+    client = TestClient(create_app(index, ServiceConfig(roots=(str(photos / "served"),))), base_url="http://localhost")
+    inside, outside = _id_of(index, photos / "served" / "0.png"), _id_of(index, photos / "other" / "0.png")
+    for route in ("image", "thumbnail"):
+        assert client.get(f"/items/{inside}/{route}").status_code == 200
+        assert client.get(f"/items/{outside}/{route}").status_code == 404
+    assert client.get(f"/items/{outside}").status_code == 200  # its metadata is still served
+
+
 def test_a_file_changed_after_indexing_is_refused(folder_index):
     client, index, folder, _ = folder_index
     path = folder / "a" / "1.png"

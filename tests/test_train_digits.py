@@ -7,9 +7,9 @@ import csv
 import pytest
 from test_train_data import one_thread  # noqa: F401  (fixture)
 
+from demo.sample_data import DIGIT_NAMES, write_digits
 from training.config import load_config
 from training.loop import train
-from vlm.sample_data import DIGIT_NAMES, write_digits
 
 PROMPTS = ("a photo of the number {}.", "an image of a handwritten {}.", "a drawing of the digit {}.")
 

@@ -61,9 +61,12 @@ def _worker(out_dir: Path) -> None:
     from training.config import LossConfig
     from training.step import loss_and_gradients
 
+    from vlm.distributed import dist_info
+
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     assert world == 2 and torch.distributed.get_backend() == "gloo"
+    assert dist_info() == (rank, world)
     images, texts = _global_batch()
     for name, (fields, drop) in VARIANTS.items():
         model = accelerator.prepare(_model(fields["kind"]))
@@ -144,6 +147,27 @@ def test_vlm_train_with_two_processes_matches_one(tmp_path):
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 2] and "eval/zeroshot_top1" in rows[-1]
+
+
+def test_one_rank_rule_for_training_and_indexing(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    from retrieval import embedding_job
+    from training import distributed
+    from vlm.distributed import dist_info
+
+    assert embedding_job.dist_info is dist_info
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert dist_info() == (0, 1) and (distributed.rank(), distributed.world_size()) == (0, 1)
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets before any process group exists
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dist_info() == (1, 2) and (distributed.rank(), distributed.world_size()) == (1, 2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist_info() == (0, 1)  # an initialised process group is the authority
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Contrastive losses and metrics: reference values, chunked / local / accumulated gradients."""
+"""Contrastive losses: reference values, chunked / local / accumulated gradients (metrics: test_metrics.py)."""
 
 import math
 
@@ -12,7 +12,6 @@ import vlm
 from training.config import LossConfig
 from training.losses import clip_loss, contrastive_loss, sigmoid_loss
 from training.step import loss_and_gradients
-from vlm.metrics import positives_from_ids, recall_at_k, retrieval_recall, topk_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,46 +131,3 @@ def test_contrastive_loss_dispatch():
     torch.testing.assert_close(contrastive_loss(out, "clip"), _plain_clip(img, txt, 5.0))
     with pytest.raises(ValueError, match="unknown loss kind"):
         contrastive_loss(out, "triplet")
-
-
-# ---- metrics -------------------------------------------------------------------------------------
-def test_recall_at_k_on_a_hand_computed_fixture():
-    # 4 queries x 8 candidates; the correct candidate of query i is column i.
-    scores = torch.tensor(
-        [
-            [0.9, 0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0],  # rank 0
-            [0.9, 0.5, 0.8, 0.7, 0.6, 0.0, 0.0, 0.0],  # four above it: rank 4
-            [0.9, 0.9, 0.1, 0.8, 0.8, 0.8, 0.8, 0.8],  # seven above it: rank 7
-            [0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0],  # a tie counts against it: rank 1
-        ]
-    )
-    positives = torch.eye(4, 8, dtype=torch.bool)
-    assert recall_at_k(scores, positives, (1, 5, 10)) == {1: 0.25, 5: 0.75, 10: 1.0}
-    assert recall_at_k(scores, positives, (2, 8)) == {2: 0.5, 8: 1.0}
-
-
-def test_constant_scores_are_not_perfect():
-    scores = torch.zeros(10, 10)
-    assert topk_accuracy(scores, torch.arange(10), (1,)) == {1: 0.0}
-
-
-def test_topk_accuracy():
-    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
-    assert topk_accuracy(scores, torch.tensor([1, 1, 0]), (1, 2, 3)) == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
-    with pytest.raises(ValueError, match="class indices"):
-        topk_accuracy(scores, torch.tensor([0, 1, 3]))
-
-
-def test_retrieval_recall_with_several_captions_per_image():
-    img = torch.eye(3)
-    # Captions 0 and 1 describe image 0, caption 2 image 1, caption 3 image 2.
-    txt = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.8, 0.6]])
-    positives = positives_from_ids([0, 1, 2], [0, 0, 1, 2])
-    result = retrieval_recall(img, txt, positives, ks=(1, 2))
-    # Every image's best caption is its own. Captions 1 and 3 score higher with image 1 than with
-    # their own image: second place.
-    assert result.image_to_text == {1: 1.0, 2: 1.0}
-    assert result.text_to_image == {1: 0.5, 2: 1.0}
-    assert set(result.as_dict()) == {"image_to_text_R@1", "image_to_text_R@2", "text_to_image_R@1", "text_to_image_R@2"}
-    with pytest.raises(ValueError, match="no positive"):
-        recall_at_k(torch.zeros(2, 2), torch.tensor([[True, False], [False, False]]))

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import vlm
+from demo.sample_data import DIGIT_NAMES, EVAL_TEMPLATES, digit_caption, write_digits
 from vlm.evaluation import evaluate_zeroshot, labelled_folder
-from vlm.sample_data import DIGIT_NAMES, EVAL_TEMPLATES, digit_caption, write_digits
 from vlm.zeroshot import ClassPrompts, build_classifier
 
 STEPS = 200

@@ -17,6 +17,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vlm.files import fsync_dir, fsync_tree
+
 from .config import TrainConfig, write_config
 from .data import Position
 
@@ -87,23 +89,6 @@ def clean_partial(run_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flushes every file under `path`, then `path` itself: the rename must not outrun the data."""
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
 def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, config: TrainConfig) -> Path:
     """Writes the checkpoint of `state.step` atomically and keeps the newest `config.checkpoint.keep`."""
     root = checkpoint_root(run_dir)
@@ -118,11 +103,11 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, config: Tra
     if accelerator.is_main_process:
         write_config(config, tmp / "config.yaml")
         (tmp / STATE_NAME).write_text(state.to_json())
-        _fsync_tree(tmp)
+        fsync_tree(tmp)  # the rename must not outrun the data
         if final.exists():  # the same step saved again (a run resumed at its last step)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in list_checkpoints(run_dir)[: -config.checkpoint.keep]:
             shutil.rmtree(old)
         logger.info("checkpoint saved: %s", final)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from vlm.files import atomic_write_text
+
 __all__ = [
     "DataConfig",
     "ModelConfig",
@@ -403,11 +405,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def write_config(config: TrainConfig, path: str | Path) -> Path:
-    """The resolved config as YAML (written aside, then renamed into place)."""
+    """The resolved config as YAML, written atomically and durably (`vlm.files.atomic_write_text`)."""
     import yaml
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from vlm.distributed import dist_info
+
 __all__ = ["Gathered", "gather_with_grad", "world_size", "rank", "all_reduce_mean", "all_reduce_sums"]
 
 
@@ -22,13 +24,14 @@ def _active() -> bool:
 
 
 def world_size() -> int:
-    """Processes in the initialised process group; 1 without one."""
-    return dist.get_world_size() if _active() else 1
+    """The number of processes (`vlm.distributed.dist_info`: the process group, else the launcher's
+    environment, else 1)."""
+    return dist_info()[1]
 
 
 def rank() -> int:
-    """This process's rank in the initialised process group; 0 without one."""
-    return dist.get_rank() if _active() else 0
+    """This process's rank (`vlm.distributed.dist_info`), 0 in a single process."""
+    return dist_info()[0]
 
 
 @dataclass

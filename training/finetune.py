@@ -53,7 +53,7 @@ __all__ = [
     "WiseFTPoint",
     "load_images",
     "zeroshot_head",
-    "train_linear_probe",
+    "fit_linear_head",
     "layer_decay_groups",
     "finetune",
     "wise_ft",
@@ -177,7 +177,7 @@ class ImageClassifier(nn.Module):
         (JSON) to `directory`; returns it."""
         from safetensors.torch import save_file
 
-        from vlm.checkpoint import atomic_path
+        from vlm.files import atomic_path, atomic_write_text
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -190,8 +190,7 @@ class ImageClassifier(nn.Module):
             "image_size": self.image_size,
             "clip_config": self.clip_config.to_dict(),
         }
-        with atomic_path(directory / META_FILE) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2))
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
         return directory
 
     @classmethod
@@ -330,8 +329,11 @@ def _features(classifier: ImageClassifier, images: Tensor, batch_size: int = 256
     return torch.cat([classifier.features(images[s : s + batch_size]) for s in range(0, len(images), batch_size)])
 
 
-def train_linear_probe(head: nn.Linear, features: Tensor, labels: Tensor, config: FinetuneConfig) -> nn.Linear:
-    """Trains `head` in place on cached `features` (N, E): full-batch AdamW for `config.probe_steps` steps."""
+def fit_linear_head(head: nn.Linear, features: Tensor, labels: Tensor, config: FinetuneConfig) -> nn.Linear:
+    """Trains `head` in place on cached `features` (N, E): full-batch AdamW for `config.probe_steps` steps.
+
+    The torch head of the ``linear-probe`` and ``lp-ft`` modes. The scikit-learn baseline that
+    `vlm eval zeroshot` reports beside zero-shot is `vlm.evaluation.sklearn_linear_probe`, another estimator."""
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.probe_lr, weight_decay=config.probe_weight_decay)
     for _ in range(config.probe_steps):
         loss = F.cross_entropy(head(features), labels, label_smoothing=config.label_smoothing)
@@ -398,7 +400,7 @@ def _init_head(classifier: ImageClassifier, model: CLIP, train: LoadedImages, co
         classifier.head.load_state_dict(zeroshot_head(model, classifier.class_names, templates).state_dict())
     if needs_probe:
         features = _features(classifier, train.images)  # computed once: the cache the probe trains on
-        train_linear_probe(classifier.head, features, train.labels, config)
+        fit_linear_head(classifier.head, features, train.labels, config)
 
 
 def finetune(
@@ -700,7 +702,7 @@ def _save_epoch(
     ema=None,
     key: dict | None = None,
 ) -> Path:
-    from vlm.checkpoint import atomic_path
+    from vlm.files import atomic_path
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

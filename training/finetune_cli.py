@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from vlm.files import atomic_write_text
+
 __all__ = ["finetune_main", "eval_classify_main"]
 
 logger = logging.getLogger(__name__)
@@ -159,7 +161,7 @@ def finetune_main(argv: list[str]) -> int:
         "sweep": sweep_to_json(points),
         "skipped_images": train.failures.count + test.failures.count,
     }
-    (output / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(output / "metrics.json", json.dumps(report, indent=2))
     print(_summary(report, output))
     return 0
 
@@ -210,5 +212,5 @@ def eval_classify_main(argv: list[str]) -> int:
     if data.failures.count:
         print(data.failures.summary(len(data) + data.failures.count))
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        atomic_write_text(args.output, json.dumps(report, indent=2))
     return 0

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from vlm.files import atomic_write_text
+
 __all__ = ["MetricsLog", "read_metrics"]
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ class MetricsLog:
         if not enabled:
             return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             self.writer = _tensorboard_writer(Path(run_dir) / "tensorboard")
 

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from .config import PRESETS, CLIPConfig, get_preset
+from .files import atomic_path, atomic_write_text, fsync_dir, fsync_tree
 from .model import CLIP, create_model
 
-__all__ = ["save_pretrained", "load_pretrained", "load", "load_state_dict_file", "atomic_path"]
+__all__ = ["save_pretrained", "load_pretrained", "load", "load_state_dict_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ def save_pretrained(model: CLIP, directory: str | Path) -> Path:
     config = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **model.config.to_dict()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_model(model, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
-    with atomic_path(directory / CONFIG_NAME) as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     _save_tokenizer(model, directory / TOKENIZER_DIR)
     return directory
 
@@ -72,8 +72,10 @@ def _save_tokenizer(model: CLIP, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer.save(staging)
+        fsync_tree(staging)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
+        fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -88,48 +90,6 @@ def tokenizer_dir(directory: str | Path) -> Path | None:
         if any((candidate / name).is_file() for name in VOCABULARY_FILES):
             return candidate
     return None
-
-
-class atomic_path:
-    """A temporary path next to `final`, renamed onto it (after fsync) when the block succeeds."""
-
-    def __init__(self, final: Path) -> None:
-        self.final = final
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the permissions an ordinary open() would have.
-        os.chmod(self.tmp, 0o666 & ~_umask())
-        os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Makes a rename in `directory` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_config(directory: str | Path) -> CLIPConfig:

@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "index": ("retrieval.cli:index_main", "build and update image-text search indexes"),
     "search": ("retrieval.cli:search_main", "query a search index by text or image"),
     "serve": ("retrieval.service:serve_main", "serve a search index over HTTP with a web page"),
+    "demo": ("demo.run:main", "the main job on handwritten digits: train, zero-shot, fine-tune, search, report"),
 }
 
 EVAL_VERBS: dict[str, str] = {

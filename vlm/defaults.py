@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+from .files import atomic_write_text
+
 __all__ = ["vlm_home", "resolve_model", "set_default_model", "get_default_model", "default_model_help"]
 
 logger = logging.getLogger(__name__)
@@ -40,9 +42,7 @@ def set_default_model(name_or_dir: str | Path) -> Path:
     value = str(Path(name_or_dir).resolve()) if Path(name_or_dir).exists() else str(name_or_dir)
     record = _record()
     record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(value + "\n")
-    os.replace(tmp, record)
+    atomic_write_text(record, value + "\n")
     logger.info("default model is now %s (recorded in %s)", value, record)
     return record
 

@@ -4,7 +4,8 @@ Data: a folder whose subfolders are the classes, a table of image paths and labe
 dataset with an image column and a label column (`ClassLabel` names, or strings); `open_labelled`
 takes any of them by name. Metrics: top-1, top-5, mean per-class recall,
 per-class accuracy and the confusion matrix (rows: true class, columns: predicted), written as JSON and
-PNG. The linear probe (logistic regression on the same frozen image features) is trained on a separate
+PNG. The linear probe (`sklearn_linear_probe`: scikit-learn's logistic regression on the same frozen image
+features; the fine-tuner's torch head is `training.finetune.fit_linear_head`) is trained on a separate
 training split when one is given, else cross-validated on the evaluation data itself, so that both
 numbers are measured on the same images.
 """
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from .classify import HFImageColumn, ImageCollection, classify_images
 from .data import Failure, find_images
-from .metrics import topk_accuracy
+from .files import atomic_write_text
+from .metrics import confusion_matrix, per_class_recall, topk_accuracy
 from .model import CLIP
 from .zeroshot import ZeroShotClassifier
 
@@ -45,6 +47,7 @@ __all__ = [
     "open_labelled",
     "linear_probe",
     "per_class_recall",
+    "sklearn_linear_probe",
     "save_confusion_png",
 ]
 
@@ -209,18 +212,6 @@ def open_labelled(
 
 
 # ---- metrics ------------------------------------------------------------------------------------
-def confusion_matrix(predictions: Tensor, targets: Tensor, num_classes: int) -> Tensor:
-    """(C, C) int64 counts: row = true class, column = predicted class."""
-    flat = targets.long() * num_classes + predictions.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
-def per_class_recall(confusion: Tensor) -> Tensor:
-    """(C,) fraction of each class's images predicted as that class; NaN for classes with no images."""
-    totals = confusion.sum(dim=1).double()
-    return torch.where(totals > 0, confusion.diagonal().double() / totals.clamp(min=1), math.nan)
-
-
 @dataclass(frozen=True)
 class Metrics:
     """Classification metrics over `num_samples` images. `top5` uses k = min(5, number of classes); top-k
@@ -345,7 +336,7 @@ def _full_scores(pipeline, features: np.ndarray, num_classes: int) -> Tensor:
     return torch.from_numpy(scores)
 
 
-def linear_probe(
+def sklearn_linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
     test_features: Tensor,
@@ -362,6 +353,11 @@ def linear_probe(
         scores = _full_scores(pipeline, test_features.numpy(), len(class_names))
     protocol = f"trained on a separate split of {len(train_labels)} images"
     return ProbeResult(compute_metrics(scores, test_labels, class_names), _chosen_C(pipeline), protocol)
+
+
+# The name this function had before `training.finetune.fit_linear_head` (a torch head trained on the same
+# kind of features) made "linear probe" ambiguous.
+linear_probe = sklearn_linear_probe
 
 
 def cross_validated_probe(
@@ -430,7 +426,7 @@ class ZeroShotEvaluation:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         results = directory / "results.json"
-        results.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(results, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         written = [
             results,
             save_confusion_png(
@@ -511,7 +507,7 @@ def evaluate_zeroshot(
     if train is not None:
         fit = classify_images(model, classifier, train.images, **run)
         failures += fit.failures
-        baseline = linear_probe(
+        baseline = sklearn_linear_probe(
             fit.embeddings, train_targets[fit.indices], result.embeddings, targets, names, C=probe_C
         )
     elif probe:

@@ -242,14 +242,13 @@ class ZeroShotClassifier:
         """Writes `classifier.safetensors` and `classifier.json` into `directory` (created if needed)."""
         from safetensors.torch import save_file
 
-        from .checkpoint import atomic_path
+        from .files import atomic_path, atomic_write_text
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             save_file({"weights": self.weights.contiguous().float().cpu()}, str(tmp))
-        with atomic_path(directory / META_FILE) as tmp:
-            tmp.write_text(json.dumps(self._metadata(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(directory / META_FILE, json.dumps(self._metadata(), indent=2, ensure_ascii=False) + "\n")
         return directory
 
     def _metadata(self) -> dict[str, Any]:

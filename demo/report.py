@@ -65,6 +65,8 @@ class Section:
     code: str = ""  # shown as a command block at the end
 
 
+# Marks the folders this module wrote. It keeps the name the module had before it moved out of the core
+# (vlm.report): with a new name, reports written earlier (a previous `make demo`) could not be rewritten.
 GENERATOR = '<meta name="generator" content="vlm.report">'
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }

@@ -1,4 +1,4 @@
-"""The main job (`make demo`): the whole library on real data, with nothing downloaded, in minutes.
+"""The main job (`make demo`, `vlm demo`): the whole library on real data, with nothing downloaded, in minutes.
 
 1. Trains a small CLIP from scratch on scikit-learn's handwritten digits turned into image-caption
    pairs (`training/configs/digits.yaml`), with its progress bar and loss curves.
@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load
+from vlm.checkpoint import load
+
 from .report import Figure, Grid, Section, Table, Tile, write_report
-from .sample_data import DIGIT_NAMES, DigitsData
+from .sample_data import DIGIT_NAMES, DigitsData, write_digits
 
 __all__ = ["DemoOptions", "DemoResult", "run_demo", "main"]
 
@@ -74,8 +75,6 @@ class DemoResult:
 def run_demo(options: DemoOptions = DemoOptions()) -> DemoResult:
     """Runs the five stages (see the module docstring), prints what each measured, writes the report and
     `demo.json` under `options.output`, and returns the figures."""
-    from .sample_data import write_digits
-
     out = Path(options.output)
     clock = _Clock()
     _banner("data", "scikit-learn's 1,797 handwritten digits, as PNG files and caption tables")
@@ -109,7 +108,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> DemoResult:
     )
     (out / "demo.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if options.set_default:
-        from .defaults import set_default_model
+        from vlm.defaults import set_default_model
 
         set_default_model(run.model_dir)
     _print_summary(result, data, options)
@@ -148,16 +147,16 @@ def _train(data: DigitsData, out: Path, options: DemoOptions) -> _TrainRun:
 
 def _labelled(split) -> Any:
     """A split with the classes in digit order (zero..nine), not the folders' alphabetical order."""
-    from .classify import ImageCollection
-    from .evaluation import LabelledImages
+    from vlm.classify import ImageCollection
+    from vlm.evaluation import LabelledImages
 
     paths = [str(p) for p in split.paths]
     return LabelledImages(ImageCollection(paths, paths), tuple(split.labels), DIGIT_NAMES)
 
 
 def _zeroshot(model, data: DigitsData, out: Path, templates: tuple[str, ...], result: DemoResult) -> Section:
-    from .evaluation import evaluate_zeroshot
-    from .zeroshot import build_classifier
+    from vlm.evaluation import evaluate_zeroshot
+    from vlm.zeroshot import build_classifier
 
     classifier = build_classifier(model, list(DIGIT_NAMES), list(templates))
     evaluation = evaluate_zeroshot(
@@ -190,8 +189,7 @@ def _finetune(
 ) -> Section:
     from training.finetune import FinetuneConfig, ImageClassifier, LoadedImages, evaluate_classifier, finetune
     from training.finetune import load_images, save_sweep_png, shift_images, wise_ft, wise_ft_sweep, zeroshot_head
-
-    from .evaluation import save_confusion_png
+    from vlm.evaluation import save_confusion_png
 
     train = load_images(_labelled(data.train), model.config)
     test = load_images(_labelled(data.test), model.config)
@@ -262,7 +260,7 @@ def _search(model, data: DigitsData, result: DemoResult) -> Section:
 
 
 def _explain(model, data: DigitsData, out: Path) -> Section:
-    from .explain import explain_image
+    from vlm.explain import explain_image
 
     figures = []
     for digit in (2, 7):
@@ -393,8 +391,8 @@ def _print_summary(result: DemoResult, data: DigitsData, options: DemoOptions) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m vlm.demo [--output DIR] [--quick] [--no-default]`; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m vlm.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """`vlm demo [--output DIR] [--quick] [--no-default] [--no-progress]`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="vlm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DemoOptions.output, help="where everything goes (default runs/demo)")
     parser.add_argument("--quick", action="store_true", help="a reduced run: 60 training steps, 2 fine-tuning epochs")
     parser.add_argument("--no-default", action="store_true", help="do not make the trained model the default")

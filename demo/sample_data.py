@@ -2,6 +2,9 @@
 
 scikit-learn's handwritten digits (1,797 real 8x8 scans) become PNG files in class subfolders and
 CSV tables of image paths and captions, with a fixed, stratified 20% held-out split.
+
+The demo, the tests and the benchmarks share it. It imports numpy alone at load (scikit-learn and Pillow when
+called) and nothing of training or retrieval, so the core's tests can use it.
 """
 
 from __future__ import annotations
