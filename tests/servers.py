@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -21,9 +22,11 @@ def start_server(index: Path, *args: str, timeout: float = 60) -> tuple[subproce
     """`vlm serve INDEX ARGS` on a free port, once it answers /health: the process and its base URL;
     RuntimeError (with the server's output) when it exits or does not answer within `timeout` seconds."""
     port = free_port()
+    # Output goes to a file, not a pipe nobody reads: a server that logs a lot would block on a full pipe.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlm", "serve", str(index), "--port", str(port), *args],
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -34,7 +37,8 @@ def start_server(index: Path, *args: str, timeout: float = 60) -> tuple[subproce
             return proc, url
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"vlm serve exited: {proc.stdout.read().decode()}") from None
+                log.seek(0)
+                raise RuntimeError(f"vlm serve exited: {log.read().decode(errors='replace')}") from None
             time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"vlm serve did not answer /health within {timeout:.0f} s")
