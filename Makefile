@@ -5,7 +5,7 @@ PY := .venv/bin/python
 # any other pair downloads gigabytes.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
 
 venv: .venv/.installed
 
@@ -19,8 +19,16 @@ venv: .venv/.installed
 demo: venv
 	$(PY) -m vlm demo
 
+# One pytest-xdist worker per core (eight at most: each holds torch and its fixtures); tests/conftest.py
+# gives each worker its share of torch threads and builds the costly session fixtures once for all
+# workers. `test-fast` leaves out the tests marked slow.
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses 8
+
 test: venv
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
+
+test-fast: venv
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf .venv

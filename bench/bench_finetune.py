@@ -20,21 +20,25 @@ from common import print_table  # noqa: E402
 
 import vlm  # noqa: E402
 from demo.sample_data import write_digits  # noqa: E402
-from training.finetune import FinetuneConfig, ImageClassifier, LoadedImages, evaluate_classifier  # noqa: E402
-from training.finetune import finetune, load_images, shift_images, wise_ft_sweep, zeroshot_head  # noqa: E402
-from vlm.evaluation import labelled_folder  # noqa: E402
+from training.augment import shift_images  # noqa: E402
+from training.classifier import ImageClassifier, LoadedImages, evaluate_classifier, load_images, zeroshot_head  # noqa: E402
+from training.finetune import finetune  # noqa: E402
+from training.finetune_config import load_finetune_config  # noqa: E402
+from training.wise_ft import wise_ft_sweep  # noqa: E402
+from vlm.data import labelled_folder  # noqa: E402
 
 TEMPLATES = ["a photo of the number {}.", "an image of a handwritten {}.", "a drawing of the digit {}."]
-# The recipes: 20 epochs of the 1,437 training images, layer decay, label smoothing, augmentation.
-COMMON = dict(epochs=20, layer_decay=0.75, label_smoothing=0.1, augment=True)
+# The recipes (config overrides): 20 epochs of the 1,437 training images, layer decay, label smoothing,
+# augmentation.
+COMMON = ("recipe.epochs=20", "optim.layer_decay=0.75", "recipe.label_smoothing=0.1", "augment.affine=true")
 RECIPES = {
-    "linear probe": dict(mode="linear-probe"),
-    "full": dict(mode="full", lr=3e-4, **COMMON),
+    "linear probe": ("recipe.mode=linear-probe",),
+    "full": ("recipe.mode=full", "optim.lr=3e-4", *COMMON),
     # Without augmentation the tuned model has seen no rotated or shrunk digit: WiSE-FT's case.
-    "full, no augmentation": dict(mode="full", lr=3e-4, **{**COMMON, "augment": False}),
-    "full + EMA, lr 1e-3": dict(mode="full", lr=1e-3, ema_decay=0.99, **{**COMMON, "layer_decay": 0.65}),
-    "LP-FT": dict(mode="lp-ft", lr=3e-4, **COMMON),
-    "FLYP": dict(mode="flyp", lr=1e-4, epochs=10, augment=True),
+    "full, no augmentation": ("recipe.mode=full", "optim.lr=3e-4", *COMMON, "augment.affine=false"),
+    "full + EMA, lr 1e-3": ("recipe.mode=full", "optim.lr=1e-3", "recipe.ema_decay=0.99", *COMMON, "optim.layer_decay=0.65"),
+    "LP-FT": ("recipe.mode=lp-ft", "optim.lr=3e-4", *COMMON),
+    "FLYP": ("recipe.mode=flyp", "optim.lr=1e-4", "recipe.epochs=10", "augment.affine=true"),
 }
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -56,7 +60,8 @@ def main() -> None:
     rows = [("zero-shot", f"{evaluate_classifier(zeroshot, test).top1:.4f}", f"{evaluate_classifier(zeroshot, shifted).top1:.4f}", "-", "-")]
     for name, recipe in RECIPES.items():
         start = time.perf_counter()
-        tuned = finetune(model, train, FinetuneConfig(**recipe), templates=TEMPLATES).classifier
+        config = load_finetune_config(None, [*recipe, f"recipe.templates={TEMPLATES}", "logging.progress=false"])
+        tuned = finetune(model, train, config).classifier
         seconds = time.perf_counter() - start
         points = wise_ft_sweep(zeroshot.eval(), tuned, test, shifted, ALPHAS)
         end = points[-1]

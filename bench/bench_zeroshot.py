@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import print_table  # noqa: E402
 
 import vlm  # noqa: E402
-from vlm.classify import classify_images, image_files  # noqa: E402
+from vlm.classify import classify_images  # noqa: E402
+from vlm.data import image_files  # noqa: E402
 from vlm.templates import fill_template, resolve_templates  # noqa: E402
 from vlm.zeroshot import build_classifier  # noqa: E402
 

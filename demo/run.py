@@ -5,7 +5,8 @@
 2. Zero-shot classifies the held-out digits with prompts that never appear in the training captions,
    beside a linear probe on the same frozen features.
 3. Fine-tunes the image tower (LP-FT) and mixes it with the zero-shot weights (WiSE-FT), on the
-   held-out split and on a shifted copy of it (rotated, blurred, noisy, rescaled).
+   held-out split and on a shifted copy of it (rotated, blurred, noisy, rescaled)
+   (`training/configs/digits_finetune.yaml`, run by the job `vlm finetune` runs).
 4. Builds a search index of the held-out images and answers text and image queries.
 5. Writes a self-contained HTML report (curves, confusion matrices, attention maps, search results),
    and makes the trained model the default for `vlm classify`, `vlm search` and `vlm serve`.
@@ -36,8 +37,6 @@ __all__ = ["DemoOptions", "DemoResult", "run_demo", "main"]
 logger = logging.getLogger(__name__)
 
 TEXT_QUERIES = ("a handwritten seven", "the number zero", "a drawing of the digit 4")
-WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-WISE_CHOSEN = 0.5  # the WiSE-FT paper's default mix; the sweep shows the others
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def run_demo(options: DemoOptions = DemoOptions()) -> DemoResult:
     sections.append(clock.time("zeroshot", _zeroshot, model, data, out, run.templates, result))
 
     _banner("3/5 fine-tune", "LP-FT of the image tower, then WiSE-FT")
-    sections.append(clock.time("finetune", _finetune, model, data, out, run.templates, result, options))
+    sections.append(clock.time("finetune", _finetune, data, out, run.templates, result, options))
 
     _banner("4/5 search", "an index of the held-out images, queried by text and by image")
     sections.append(clock.time("search", _search, model, data, result))
@@ -147,8 +146,8 @@ def _train(data: DigitsData, out: Path, options: DemoOptions) -> _TrainRun:
 
 def _labelled(split) -> Any:
     """A split with the classes in digit order (zero..nine), not the folders' alphabetical order."""
-    from vlm.classify import ImageCollection
-    from vlm.evaluation import LabelledImages
+    from vlm.data import ImageCollection
+    from vlm.data import LabelledImages
 
     paths = [str(p) for p in split.paths]
     return LabelledImages(ImageCollection(paths, paths), tuple(split.labels), DIGIT_NAMES)
@@ -184,45 +183,51 @@ def _zeroshot(model, data: DigitsData, out: Path, templates: tuple[str, ...], re
     )
 
 
-def _finetune(
-    model, data: DigitsData, out: Path, templates: tuple[str, ...], result: DemoResult, options: DemoOptions
-) -> Section:
-    from training.finetune import FinetuneConfig, ImageClassifier, LoadedImages, evaluate_classifier, finetune
-    from training.finetune import load_images, save_sweep_png, shift_images, wise_ft, wise_ft_sweep, zeroshot_head
+def _finetune(data: DigitsData, out: Path, templates: tuple[str, ...], result: DemoResult, options: DemoOptions) -> Section:
+    import shutil
+
+    import training
+    from training.finetune_config import load_finetune_config
+    from training.finetune_job import run_finetune
     from vlm.evaluation import save_confusion_png
 
-    train = load_images(_labelled(data.train), model.config)
-    test = load_images(_labelled(data.test), model.config)
-    shifted = LoadedImages(shift_images(test.images, seed=0), test.labels, test.class_names)
-    zeroshot = ImageClassifier.from_clip(model, DIGIT_NAMES)
-    zeroshot.head.load_state_dict(zeroshot_head(model, DIGIT_NAMES, templates).state_dict())
-    config = FinetuneConfig(
-        mode="lp-ft", epochs=2 if options.quick else 20, lr=3e-4, layer_decay=0.75, label_smoothing=0.1,
-        augment=True, probe_steps=100 if options.quick else 300, progress=options.progress,
-    )  # fmt: skip
-    tuned = finetune(model, train, config, templates=list(templates)).classifier
-    points = wise_ft_sweep(zeroshot.eval(), tuned, test, shifted, WISE_ALPHAS)
-    chosen = wise_ft(zeroshot, tuned, WISE_CHOSEN)
-    chosen.save_pretrained(result.classifier_dir)
+    overrides = [
+        f"output_dir={result.classifier_dir}",
+        f"model.name={result.model_dir}",
+        f"data.train={data.train.table}",
+        f"data.eval={data.test.table}",
+        f"recipe.templates={json.dumps(list(templates))}",
+        f"logging.progress={str(options.progress).lower()}",
+    ]
+    if options.quick:
+        overrides += ["recipe.epochs=2", "recipe.probe_steps=100"]
+    config = load_finetune_config(Path(training.__file__).parent / "configs" / "digits_finetune.yaml", overrides)
+    # A rerun fine-tunes again (a minute) rather than resume checkpoints of other settings (--quick).
+    shutil.rmtree(result.classifier_dir / "checkpoints", ignore_errors=True)
+    report = run_finetune(config)
+    points = report.sweep
     result.wise_ft = [asdict(p) for p in points]
     result.zeroshot_shifted_top1 = points[0].robustness
     result.finetuned_top1, result.finetuned_shifted_top1 = points[-1].accuracy, points[-1].robustness
-    metrics = evaluate_classifier(chosen, test)
 
+    chosen = config.wise_ft.alpha
     print(f"{'WiSE-FT alpha':<16} {'held-out':>9} {'shifted':>9}")
     for p in points:
-        name = {0.0: " (zero-shot)", 1.0: " (fine-tuned)", WISE_CHOSEN: " (saved)"}.get(p.alpha, "")
+        name = {0.0: " (zero-shot)", 1.0: " (fine-tuned)", chosen: " (saved)"}.get(p.alpha, "")
         print(f"{p.alpha:<4g}{name:<12} {p.accuracy:9.4f} {p.robustness:9.4f}")
-    print(f"classifier (WiSE-FT {WISE_CHOSEN:g}) saved to {result.classifier_dir}")
-    folder = _mkdir(out / "finetune")
-    sweep_png = save_sweep_png(points, folder / "sweep.png")
-    confusion = save_confusion_png(metrics.confusion, DIGIT_NAMES, folder / "confusion.png", f"WiSE-FT {WISE_CHOSEN:g}")
+    print(f"classifier (WiSE-FT {chosen:g}) saved to {result.classifier_dir}")
+    confusion = _mkdir(out / "finetune") / "confusion.png"
+    save_confusion_png(report.finetuned["test"].confusion, DIGIT_NAMES, confusion, f"WiSE-FT {chosen:g}")
+    recipe = config.recipe
     return Section(
         "Fine-tuning: LP-FT and WiSE-FT",
-        f"A linear probe first, then the whole image tower ({config.epochs} epochs, layer decay {config.layer_decay}, "
+        f"A linear probe first, then the whole image tower ({recipe.epochs} epochs, layer decay {config.optim.layer_decay}, "
         "label smoothing, random rotation/scale/shift). WiSE-FT mixes the zero-shot and fine-tuned weights; "
         "'shifted' is a copy of the held-out split with every image rotated, blurred, noised or shrunk.",
-        figures=[Figure(sweep_png, "accuracy vs robustness per mixing coefficient"), Figure(confusion, "saved classifier")],
+        figures=[
+            Figure(report.output_dir / "sweep.png", "accuracy vs robustness per mixing coefficient"),
+            Figure(confusion, "saved classifier"),
+        ],
         tables=[Table(["WiSE-FT alpha", "held-out top-1", "shifted top-1"], [[p.alpha, _pct(p.accuracy), _pct(p.robustness)] for p in points])],
     )
 

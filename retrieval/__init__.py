@@ -35,9 +35,9 @@ _EXPORTS = {
     "SearchResults": "search",
     "Collection": "sources",
     "open_source": "sources",
-    "IndexCorruptError": "store",
-    "IndexDirectory": "store",
-    "Manifest": "store",
+    "IndexCorruptError": "index_directory",
+    "IndexDirectory": "index_directory",
+    "Manifest": "index_directory",
     "TuningReport": "tuning",
     "tune": "tuning",
 }

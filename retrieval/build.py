@@ -3,7 +3,7 @@ metadata, publish atomically. Updates live in `retrieval.update`; what both shar
 report, the embedding step, the file of tuning queries).
 
 A build can be killed and run again with the same arguments: embedding resumes from its shards
-(`retrieval.embedding_job`), and the version it writes becomes current in one rename (`retrieval.store`).
+(`retrieval.embedding_job`), and the version it writes becomes current in one rename (`retrieval.index_directory`).
 Running a finished build again does nothing.
 """
 
@@ -27,7 +27,7 @@ from .index import VectorIndex, set_threads
 from .kinds import IndexSpec, default_memory_budget, make_spec
 from .metadata import METADATA_FILE, MetadataStore
 from .sources import Collection, open_source
-from .store import IndexCorruptError, IndexDirectory, Manifest
+from .index_directory import IndexCorruptError, IndexDirectory, Manifest
 from .tuning import TuningReport, require_target, tune
 from .vectors import VectorStore, write_vectors
 

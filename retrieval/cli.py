@@ -19,7 +19,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from vlm.cli import add_model_argument, load_model_from_args
+from vlm.cli.args import add_model_argument, add_source_arguments, add_text_overflow_argument, load_model_from_args
+from vlm.cli.args import text_overflow_from_args
 
 __all__ = ["index_main", "search_main"]
 
@@ -48,7 +49,7 @@ def _quiet_faiss_loader() -> None:
 def _build(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlm index build", description="Embed a collection and build a search index.")
     parser.add_argument(
-        "source", help="a folder of images, a list file, a table (csv/tsv/jsonl/json/parquet) or a saved HF dataset"
+        "source", help="a folder of images, a list file, a table (csv/tsv/jsonl/json/parquet) or hf:NAME_OR_DIR"
     )
     parser.add_argument("--out", required=True, help="the index directory to create")
     add_model_argument(parser)
@@ -94,17 +95,18 @@ def _build(argv: list[str]) -> int:
         k=args.k,
         target_recall=args.target_recall,
     )
-    report = build_index(
-        args.source,
-        args.out,
-        model,
-        options=options,
-        modality=args.embed,
-        overwrite=args.overwrite,
-        tuning_texts=tune_texts,
-        model_source=model_source,
-        **_source_options(args),
-    )
+    with text_overflow_from_args(args):
+        report = build_index(
+            args.source,
+            args.out,
+            model,
+            options=options,
+            modality=args.embed,
+            overwrite=args.overwrite,
+            tuning_texts=tune_texts,
+            model_source=model_source,
+            **_source_options(args),
+        )
     print(report.summary())
     return 0
 
@@ -112,7 +114,7 @@ def _build(argv: list[str]) -> int:
 def _add(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlm index add", description="Add the new items of a collection to an index.")
     parser.add_argument("directory", help="the index directory")
-    parser.add_argument("source", help="a folder, list file, table or saved HF dataset")
+    parser.add_argument("source", help="a folder, list file, table or hf:NAME_OR_DIR")
     add_model_argument(parser)
     parser.add_argument(
         "--upsert", action="store_true", help="re-embed items already indexed and replace them under their ids"
@@ -120,23 +122,22 @@ def _add(argv: list[str]) -> int:
     _add_source_arguments(parser)
     args = parser.parse_args(argv)
     from .search import index_model
-    from .store import IndexDirectory
+    from .index_directory import IndexDirectory
     from .update import add_to_index
 
     if args.model is None:  # the model that built the index, not the user's default
         args.model = index_model(IndexDirectory(args.directory).read_manifest())
     model, _ = _model(args)
-    report = add_to_index(
-        args.directory, args.source, model, upsert=args.upsert, options=_options(args), **_source_options(args)
-    )
+    with text_overflow_from_args(args):
+        report = add_to_index(
+            args.directory, args.source, model, upsert=args.upsert, options=_options(args), **_source_options(args)
+        )
     print(report.summary())
     return 0
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--image-column", default=None, help="the table's image path column (default: found by name)")
-    parser.add_argument("--caption-column", default=None, help="the table's caption column (default: found by name)")
-    parser.add_argument("--split", default=None, help="the split of a Hugging Face dataset with several")
+    _add_columns(parser)
     parser.add_argument(
         "--root",
         action="append",
@@ -154,12 +155,19 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="FAISS threads (default: this process's share of the CPUs)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_text_overflow_argument(parser)
+
+
+def _add_columns(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser, text=True)
+    # The flag's name before every verb called the text column --text-column.
+    parser.add_argument("--caption-column", dest="text_column", help=argparse.SUPPRESS)
 
 
 def _source_options(args: argparse.Namespace) -> dict:
     return {
         "image_column": args.image_column,
-        "caption_column": args.caption_column,
+        "text_column": args.text_column,
         "split": args.split,
         "roots": args.root,
     }
@@ -216,7 +224,7 @@ def _info(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .kinds import IndexSpec, format_bytes
     from .metadata import METADATA_FILE, MetadataStore
-    from .store import IndexDirectory
+    from .index_directory import IndexDirectory
 
     store = IndexDirectory(args.directory)
     manifest = store.read_manifest()
@@ -252,12 +260,10 @@ def _info(argv: list[str]) -> int:
 
 def _eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlm index eval", description="Image-text recall@k of a paired collection.")
-    parser.add_argument("source", help="a table or HF dataset with image and caption columns")
+    parser.add_argument("source", help="a table or hf:NAME_OR_DIR with image and text columns")
     add_model_argument(parser)
     parser.add_argument("-k", type=int, nargs="+", default=[1, 5, 10])
-    parser.add_argument("--image-column", default=None)
-    parser.add_argument("--caption-column", default=None)
-    parser.add_argument("--split", default=None)
+    _add_columns(parser)
     parser.add_argument("--root", action="append", default=None, help="a folder the images may lie in (repeatable)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", action="store_true")
@@ -297,17 +303,19 @@ def search_main(argv: list[str]) -> int:
         "--mmap", action="store_true", help="memory-map the index's inverted lists instead of reading them"
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON lines")
+    add_text_overflow_argument(parser)
     args = parser.parse_args(argv)
     _quiet_faiss_loader()
     from .search import SearchIndex
 
     index = SearchIndex.open(args.directory, model=args.model, mmap=args.mmap)
     queries = args.text or args.image
-    results = (
-        index.search_text(queries, args.k, where=args.where)
-        if args.text
-        else index.search_image(queries, args.k, where=args.where)
-    )
+    with text_overflow_from_args(args):
+        results = (
+            index.search_text(queries, args.k, where=args.where)
+            if args.text
+            else index.search_image(queries, args.k, where=args.where)
+        )
     for query, hits in zip(queries, results.hits):
         if args.json:
             print(json.dumps({"query": query, "hits": [asdict(h) for h in hits]}))

@@ -26,10 +26,10 @@ import torch
 from vlm.data import Failure, FailureLog, iter_image_batches
 from vlm.distributed import dist_info  # re-exported: build.py takes it from here
 from vlm.embed import embed_texts
+from vlm.files import atomic_path, atomic_write_text
 from vlm.model import CLIP
 from vlm.transforms import image_transform
 
-from .fsutil import atomic_path, atomic_write_text
 from .sources import Collection, Subset
 
 __all__ = ["EmbedOptions", "Shard", "JobStatus", "EmbeddingJob", "dist_info", "barrier", "preprocessing"]

@@ -29,7 +29,9 @@ from typing import Iterable, Iterator
 import faiss
 import numpy as np
 
-from .fsutil import fsync_file, quiet_stdout
+from vlm.files import fsync_file
+
+from .faiss_stdout import quiet_stdout
 from .kinds import TRAIN_POINTS_PER_LIST, IndexSpec
 from .vectors import CHUNK, VectorStore
 

@@ -30,7 +30,7 @@ from vlm.transforms import image_transform
 from .index import SearchParams, VectorIndex, set_threads
 from .kinds import IndexSpec
 from .metadata import METADATA_FILE, Item, MetadataStore
-from .store import IndexDirectory, Manifest
+from .index_directory import IndexDirectory, Manifest
 from .vectors import VectorStore
 
 __all__ = ["Hit", "SearchResults", "SearchIndex", "index_model"]

@@ -3,7 +3,7 @@ next version atomically.
 
 Every update can be killed and run again with the same arguments: embedding resumes from its shards
 (`retrieval.embedding_job`), and the commit writes a new version that becomes current in one rename
-(`retrieval.store`). Items are identified by their key (the image path), so running `add` again after a
+(`retrieval.index_directory`). Items are identified by their key (the image path), so running `add` again after a
 finished `add` adds nothing, and `upsert` replaces vectors and metadata under the same ids.
 
 An update copies the current version into the next, so it first verifies that version in full (every
@@ -31,7 +31,7 @@ from .index import SearchParams, VectorIndex, set_threads
 from .kinds import IndexSpec
 from .metadata import METADATA_FILE, MetadataStore
 from .sources import Collection, open_source
-from .store import IndexDirectory, Manifest
+from .index_directory import IndexDirectory, Manifest
 from .tuning import require_target, tune
 from .vectors import VectorStore, count_after, merge_sorted, write_vectors
 

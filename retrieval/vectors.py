@@ -13,8 +13,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .fsutil import fsync_file
-from .store import IndexCorruptError
+from vlm.files import fsync_file
+
+from .index_directory import IndexCorruptError
 
 __all__ = ["VectorStore", "write_vectors", "merge_sorted", "count_after", "VECTORS_FILE", "IDS_FILE"]
 

@@ -102,6 +102,7 @@ def test_load_preset_name_and_unknown_name():
         vlm.load("no-such-model")
 
 
+@pytest.mark.slow
 def test_load_open_clip_name_with_local_weights_file(tmp_path):
     """`vlm.load(name, pretrained=FILE)` reads an open_clip checkpoint file, as open_clip writes them."""
     import open_clip

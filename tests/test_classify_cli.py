@@ -135,6 +135,7 @@ def test_classify_user_errors(setup, capsys):
     assert code == 1 and "none of the 1 images could be read" in err
 
 
+@pytest.mark.slow
 def test_eval_zeroshot_folder(setup, capsys):
     code, out, err = _run(
         capsys, f"eval zeroshot {setup}/imgs --model {setup}/model --templates simple --out {setup}/eval --no-progress"

@@ -23,6 +23,7 @@ def open_clip_b32():
     return open_clip.create_model("ViT-B-32").eval()
 
 
+@pytest.mark.slow
 def test_open_clip_vit_b32_parity(open_clip_b32):
     model = vlm.from_open_clip(open_clip_b32).eval()
     images = torch.randn(2, 3, 224, 224)
@@ -38,6 +39,7 @@ def test_open_clip_vit_b32_parity(open_clip_b32):
         )
 
 
+@pytest.mark.slow
 def test_open_clip_round_trips_are_exact(open_clip_b32):
     model = vlm.from_open_clip(open_clip_b32)
     back = vlm.to_open_clip(model)
@@ -116,6 +118,7 @@ def _check_hf_parity(hf, image_size, context_length):
     return model
 
 
+@pytest.mark.slow
 def test_hf_default_config_parity():
     model = _check_hf_parity(_hf_pair(), 224, 77)
     assert model.config.vision.activation == "quick_gelu"

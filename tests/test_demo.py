@@ -59,7 +59,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     # The saved classifier's classes are in digit order, the folders' in alphabetical order.
     assert vlm_main(["eval", "classify", str(out / "data" / "test"), "--model", str(out / "classifier"), "--no-progress"]) == 0
     assert "top-1" in capsys.readouterr().out
-    from training.finetune import ImageClassifier
+    from training.classifier import ImageClassifier
 
     assert ImageClassifier.from_pretrained(out / "classifier").class_names[7] == "seven"
 

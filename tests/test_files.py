@@ -92,10 +92,11 @@ def test_fsync_tree_flushes_every_file_before_its_folder(tmp_path, disk_log):
 
 
 def test_retrieval_uses_the_core_helper():
-    from retrieval import fsutil
+    from retrieval import embedding_job, index_directory
     from vlm import files
 
-    assert fsutil.atomic_write_text is files.atomic_write_text and fsutil.atomic_path is files.atomic_path
+    assert index_directory.atomic_write_text is files.atomic_write_text
+    assert embedding_job.atomic_path is files.atomic_path
 
 
 # ---- the writers ----------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def test_model_config_and_weights(tmp_path, disk_log):
 
 def test_training_config_and_metrics_rewrite(tmp_path, disk_log):
     from training.config import TrainConfig, load_config, write_config
-    from training.metrics import MetricsLog, read_metrics
+    from training.run_log import MetricsLog, read_metrics
 
     write_config(TrainConfig(), tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == TrainConfig()

@@ -11,24 +11,23 @@ import pytest
 import torch
 from PIL import Image
 
-from training.finetune import (
-    FinetuneConfig,
-    ImageClassifier,
-    evaluate_classifier,
-    finetune,
-    layer_decay_groups,
-    load_images,
-    predict_logits,
-    shift_images,
-    wise_ft,
-    zeroshot_head,
-)
+from training.augment import shift_images
+from training.classifier import ImageClassifier, evaluate_classifier, load_images, predict_logits, zeroshot_head
+from training.finetune import finetune
+from training.finetune_config import FinetuneConfig, load_finetune_config
+from training.optim import param_groups
+from training.wise_ft import wise_ft
 from vlm.cli import main
-from vlm.evaluation import labelled_folder
+from vlm.data import labelled_folder
 from vlm.model import create_model
 from vlm.zeroshot import build_classifier
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def _config(*overrides: str) -> FinetuneConfig:
+    """A fine-tuning config from dotted overrides, without progress bars."""
+    return load_finetune_config(None, ["logging.progress=false", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +76,14 @@ def test_untrained_full_finetune_starts_from_zeroshot(model, train_images):
     """finetune() with zero steps of change (lr tiny) must not move the head away from zero-shot at init."""
     names = list(train_images.class_names)
     zs = build_classifier(model, names, "simple")
-    probe = finetune(model, train_images, FinetuneConfig(mode="full", epochs=1, lr=1e-12, warmup_steps=0))
+    probe = finetune(model, train_images, _config("recipe.mode=full", "recipe.epochs=1", "optim.lr=1e-12", "recipe.warmup_steps=0"))
     with torch.no_grad():
         expected = zs.logits(model.encode_image(train_images.images)).argmax(1)
     assert torch.equal(predict_logits(probe.classifier, train_images.images).argmax(1), expected)
 
 
 def test_linear_probe_separable_reaches_100_percent(model, colours, train_images):
-    result = finetune(model, train_images, FinetuneConfig(mode="linear-probe", head_init="random", probe_steps=300))
+    result = finetune(model, train_images, _config("recipe.mode=linear-probe", "recipe.head_init=random", "recipe.probe_steps=300"))
     assert evaluate_classifier(result.classifier, train_images).top1 == 1.0
     test = load_images(labelled_folder(colours / "test"), model.config)
     assert test.failures.count == 1 and len(test) == 12  # the broken file is reported, the rest kept
@@ -96,7 +95,8 @@ def test_linear_probe_separable_reaches_100_percent(model, colours, train_images
 
 def test_full_finetune_trains_and_leaves_the_model_alone(model, train_images):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = finetune(model, train_images, FinetuneConfig(mode="lp-ft", epochs=3, lr=1e-3, batch_size=8, probe_steps=50))
+    config = _config("recipe.mode=lp-ft", "recipe.epochs=3", "optim.lr=1e-3", "recipe.batch_size=8", "recipe.probe_steps=50")
+    result = finetune(model, train_images, config)
     assert len(result.losses) == 9
     assert evaluate_classifier(result.classifier, train_images).top1 == 1.0
     assert any(not torch.equal(result.classifier.visual.state_dict()[k], v) for k, v in model.visual.state_dict().items())
@@ -104,56 +104,79 @@ def test_full_finetune_trains_and_leaves_the_model_alone(model, train_images):
 
 
 def test_resume_is_exact(model, train_images, tmp_path, monkeypatch):
-    import training.finetune as ft
+    import training.finetune_loop as loop
 
     # EMA, augmentation, mixup and cutmix on: their state (the EMA weights, the draws) must survive too.
-    config = FinetuneConfig(
-        mode="full", epochs=3, lr=1e-3, batch_size=8, warmup_steps=2, ema_decay=0.9, mixup_alpha=0.2, cutmix_alpha=1.0,
-        augment=True,
+    config = _config(
+        "recipe.mode=full", "recipe.epochs=3", "optim.lr=1e-3", "recipe.batch_size=8", "recipe.warmup_steps=2",
+        "recipe.ema_decay=0.9", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "augment.affine=true",
     )  # fmt: skip
     reference = finetune(model, train_images, config)
 
-    save = ft._save_epoch
+    save = loop.save_checkpoint
 
-    def save_then_die(directory, epoch, *args):
-        save(directory, epoch, *args)
-        if epoch == 1:
+    def save_then_die(accelerator, run_dir, state, *args):
+        path = save(accelerator, run_dir, state, *args)
+        if state.step == 3:
             raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+        return path
 
-    monkeypatch.setattr(ft, "_save_epoch", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        finetune(model, train_images, config, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(ft, "_save_epoch", save)
+        finetune(model, train_images, config, run_dir=tmp_path)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    # The checkpoint format of `vlm train`: a step directory with the resolved config, and the EMA,
+    # shuffling generator and losses as plain tensors.
+    (checkpoint,) = (tmp_path / "checkpoints").iterdir()
+    assert checkpoint.name == "step_00000003"
+    assert {"trainer_state.json", "config.yaml", "extra.safetensors", "model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
     # Another run's checkpoint (here: another learning rate) is refused, not resumed.
     with pytest.raises(ValueError, match="different fine-tuning run .*config"):
-        finetune(model, train_images, dataclasses.replace(config, lr=2e-3), checkpoint_dir=tmp_path)
-    resumed = finetune(model, train_images, config, checkpoint_dir=tmp_path)
+        finetune(model, train_images, dataclasses.replace(config, optim=dataclasses.replace(config.optim, lr=2e-3)), run_dir=tmp_path)
+    resumed = finetune(model, train_images, config, run_dir=tmp_path)
     assert resumed.losses == reference.losses
     for k, v in reference.classifier.state_dict().items():
         assert torch.equal(resumed.classifier.state_dict()[k], v), k
+    from training.run_log import read_metrics
+
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 10))  # one row a step
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_old_checkpoint_is_refused(model, train_images, tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "finetune_state.pt").write_bytes(b"old")
+    with pytest.raises(ValueError, match="older `vlm finetune`.*delete"):
+        finetune(model, train_images, _config("recipe.epochs=1"), run_dir=tmp_path)
 
 
 def test_flyp_learns_with_the_contrastive_loss(model, train_images):
     before = evaluate_classifier(_zeroshot_classifier(model, train_images), train_images).top1
-    result = finetune(model, train_images, FinetuneConfig(mode="flyp", epochs=4, lr=1e-3, batch_size=12, warmup_steps=1))
+    result = finetune(model, train_images, _flyp())
     assert result.losses[-1] < result.losses[0]
     assert evaluate_classifier(result.classifier, train_images).top1 == 1.0 > before
 
 
 def test_flyp_with_a_sigmoid_model_learns_with_the_sigmoid_loss(train_images, monkeypatch):
     """SigLIP's towers: FLYP trains with the sigmoid loss (the model has a logit_bias) and learns."""
-    import training.step
+    import training.grad_cache
 
     torch.manual_seed(0)
     siglip = create_model("tiny-siglip").eval()
     kinds = []
-    original = training.step.loss_and_gradients
+    original = training.grad_cache.loss_and_gradients
     monkeypatch.setattr(
-        training.step, "loss_and_gradients", lambda *a, **kw: kinds.append(a[3].kind) or original(*a, **kw)
+        training.grad_cache, "loss_and_gradients", lambda *a, **kw: kinds.append(a[3].kind) or original(*a, **kw)
     )
-    result = finetune(siglip, train_images, FinetuneConfig(mode="flyp", epochs=4, lr=1e-3, batch_size=12, warmup_steps=1))
+    result = finetune(siglip, train_images, _flyp())
     assert set(kinds) == {"siglip"}
     assert result.losses[-1] < result.losses[0]
+
+
+def _flyp() -> FinetuneConfig:
+    # beta2 0.98 and eps 1e-6: CLIP's own, which the FLYP tests were tuned with.
+    return _config("recipe.mode=flyp", "recipe.epochs=4", "optim.lr=1e-3", "recipe.batch_size=12", "recipe.warmup_steps=1",
+                   "optim.beta2=0.98", "optim.eps=1e-6")  # fmt: skip
 
 
 def _zeroshot_classifier(model, data):
@@ -183,8 +206,10 @@ def test_layer_decay_assigns_the_intended_rates(model):
     depth = len(classifier.visual.transformer.blocks)  # 2 for tiny
     lr, decay = 1e-3, 0.5
     rates = {}
-    for group in layer_decay_groups(classifier, lr, decay, weight_decay=0.1):
-        for name, param in zip(group["names"], group["params"]):
+    names = {id(p): n for n, p in classifier.named_parameters()}
+    for group in param_groups(classifier, 0.1, lr=lr, layer_decay=decay):
+        for param in group["params"]:
+            name = names[id(param)]
             rates[name] = group["lr"]
             # the training weight-decay rule: matrices decay, vectors and embeddings do not
             expected_wd = 0.1 if param.ndim >= 2 and name not in classifier.no_weight_decay() else 0.0
@@ -219,10 +244,14 @@ def test_classifier_saves_loads_and_goes_back_into_clip(model, train_images, tmp
 
 
 def test_config_errors_name_the_value():
-    with pytest.raises(ValueError, match="'fly'"):
-        FinetuneConfig(mode="fly")
-    with pytest.raises(ValueError, match="layer_decay"):
-        FinetuneConfig(layer_decay=0)
+    with pytest.raises(ValueError, match="recipe.mode .*'fly'"):
+        _config("recipe.mode=fly")
+    with pytest.raises(ValueError, match="optim.layer_decay"):
+        _config("optim.layer_decay=0")
+    with pytest.raises(ValueError, match="unknown config key recipe.epoch"):
+        _config("recipe.epoch=3")
+    with pytest.raises(ValueError, match="wise_ft.alpha=1.5"):
+        _config("wise_ft.alpha=1.5")
 
 
 def test_cli_finetune_and_eval_classify_end_to_end(model, colours, tmp_path, capsys):
@@ -250,7 +279,7 @@ def test_cli_finetune_and_eval_classify_end_to_end(model, colours, tmp_path, cap
 
 
 def test_augmentation_identity_and_change(train_images):
-    from training.finetune import augment_images, augment_params
+    from training.augment import augment_images, augment_params
 
     images = train_images.images[:4]
     identity = torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 4)
@@ -268,12 +297,12 @@ def test_augmentation_identity_and_change(train_images):
 def test_cutmix_pastes_the_area_it_reports():
     import numpy as np
 
-    from training.finetune import _cutmix
+    from training.augment import cutmix
 
     images = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
     for seed in range(20):
         rng = np.random.default_rng(seed)
-        mixed, lam = _cutmix(images, images.flip(0), float(rng.beta(1.0, 1.0)), rng)
+        mixed, lam = cutmix(images, images.flip(0), float(rng.beta(1.0, 1.0)), rng)
         # Image 0 received a box from image 1 (its mirror): the ones it holds are the pasted area.
         assert abs(float(mixed[0].mean()) - (1 - lam)) < 1e-6
 
@@ -281,7 +310,7 @@ def test_cutmix_pastes_the_area_it_reports():
 def test_cli_reads_tables_and_hf_datasets(model, colours, tmp_path, capsys):
     import datasets
 
-    from vlm.evaluation import labelled_hf_dataset, labelled_table, open_labelled
+    from vlm.data import labelled_hf_dataset, labelled_table, open_labelled
 
     names = sorted(COLOURS)
     for split in ("train", "test"):
@@ -328,7 +357,7 @@ def test_cli_reads_tables_and_hf_datasets(model, colours, tmp_path, capsys):
 
 
 def test_table_labels_names_numbers_and_errors(tmp_path):
-    from vlm.evaluation import labelled_table
+    from vlm.data import labelled_table
 
     table = tmp_path / "t.csv"
     table.write_text("image,label\na.png,1\nb.png,2\n")
@@ -346,3 +375,113 @@ def test_table_labels_names_numbers_and_errors(tmp_path):
     table.write_text("image,label\na.png,cat\n")
     with pytest.raises(ValueError, match="repeat"):
         labelled_table(table, class_names=["cat", "cat"])
+
+
+# ---- EMA, label smoothing and --unlocked-blocks are not no-ops ----------------------------------------
+def test_ema_is_the_hand_computed_average_of_the_steps(model, train_images, monkeypatch):
+    """Two steps with ema_decay 0.5: the returned weights are 0.25 w0 + 0.25 w1 + 0.5 w2 of the raw
+    weights after 0, 1 and 2 steps, not the raw weights w2."""
+    import training.finetune_loop as loop
+
+    raw, update = [], loop._update_ema
+    monkeypatch.setattr(loop, "_update_ema", lambda ema, module, d: raw.append(
+        {k: v.detach().clone() for k, v in module.state_dict().items()}) or update(ema, module, d))  # fmt: skip
+    decay = 0.5
+    config = _config("recipe.epochs=1", "recipe.batch_size=12", "optim.lr=1e-2", "recipe.warmup_steps=0", f"recipe.ema_decay={decay}")
+    result = finetune(model, train_images, config)
+    assert len(result.losses) == len(raw) == 2
+    w0 = _zeroshot_classifier(model, train_images).state_dict()
+    got = result.classifier.state_dict()
+    for k in w0:
+        expected = decay * (decay * w0[k] + (1 - decay) * raw[0][k]) + (1 - decay) * raw[1][k]
+        torch.testing.assert_close(got[k], expected, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.allclose(got["head.weight"], raw[1]["head.weight"])  # the EMA, not the last weights
+    assert not torch.allclose(got["visual.proj.weight"], raw[1]["visual.proj.weight"])
+
+
+def test_label_smoothing_changes_the_loss_by_the_formula(model, train_images):
+    """One step over the whole batch: the logged loss is (1 - e) CE + e * mean over classes of -log p,
+    so it moves from the plain cross-entropy by e * (mean -log p - CE)."""
+    eps = 0.2
+    common = ("recipe.epochs=1", f"recipe.batch_size={len(train_images)}", "optim.lr=1e-3")
+    plain = finetune(model, train_images, _config(*common)).losses[0]
+    smoothed = finetune(model, train_images, _config(*common, f"recipe.label_smoothing={eps}")).losses[0]
+    logp = torch.log_softmax(predict_logits(_zeroshot_classifier(model, train_images), train_images.images), dim=1)
+    ce = float(-logp[torch.arange(len(logp)), train_images.labels].mean())
+    uniform = float(-logp.mean())
+    assert plain == pytest.approx(ce, rel=1e-5)
+    assert smoothed - plain == pytest.approx(eps * (uniform - ce), rel=1e-4)
+    assert abs(smoothed - plain) > 1e-3
+
+
+def test_unlocked_blocks_trains_exactly_the_last_blocks(model, train_images):
+    """--unlocked-blocks 1 on a 2-block tower: the embeddings and block 0 are the model's bit for bit;
+    every weight of block 1 and of the projection moved."""
+    from training.finetune_cli import _parser, config_from_args
+
+    args = ["data", "--unlocked-blocks", "1", "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--no-progress"]
+    config = config_from_args(_parser().parse_intermixed_args(args))
+    assert config.model.unlocked_blocks == 1
+    tuned = finetune(model, train_images, config).classifier.state_dict()
+    before = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
+    frozen = [k for k in before if not k.startswith(("visual.transformer.blocks.1.", "visual.proj", "visual.norm."))]
+    assert "visual.transformer.blocks.0.attn.q_proj.weight" in frozen and "visual.pos_embed" in frozen
+    for k in frozen:
+        assert torch.equal(tuned[k], before[k]), k
+    moved = [k for k in before if k.startswith(("visual.transformer.blocks.1.", "visual.proj")) and before[k].ndim >= 2]
+    assert moved
+    for k in moved:
+        assert not torch.equal(tuned[k], before[k]), k
+
+
+def test_lock_rule_refuses_a_shared_transformer_only_where_it_is_shared():
+    from training.optim import lock_image_tower
+
+    torch.manual_seed(0)
+    shared = create_model("tiny", share_transformer=True)
+    with pytest.raises(ValueError, match="share_transformer"):
+        lock_image_tower(shared, 1)  # FLYP trains both towers of this model: locking one would lock both
+    classifier = ImageClassifier.from_clip(shared, ["a", "b"])
+    lock_image_tower(classifier, 1)  # the classifier has no text tower to share with
+    assert not classifier.visual.transformer.blocks[0].attn.q_proj.weight.requires_grad
+
+
+# ---- config file, flags and the resolved config --------------------------------------------------------
+def test_every_flag_sets_a_config_key():
+    from training.finetune_cli import FLAGS, MODEL_FLAGS
+
+    for key in [k for _, k, _ in FLAGS] + list(MODEL_FLAGS.values()):
+        node = FinetuneConfig()
+        for part in key.split("."):
+            assert hasattr(node, part), key
+            node = getattr(node, part)
+
+
+def test_cli_config_file_flags_overrides_and_resolved_config(model, colours, tmp_path, capsys):
+    import yaml
+
+    model_dir = model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({
+        "model": {"name": str(model_dir)}, "data": {"train": str(colours)},
+        "recipe": {"mode": "full", "epochs": 3, "batch_size": 8}, "optim": {"lr": 1e-3}, "wise_ft": {"sweep": [0, 1]},
+    }))  # fmt: skip
+    # The flag beats the file (epochs 3 -> 2), the KEY=VALUE beats both (lr).
+    argv = ["finetune", "--config", str(tmp_path / "ft.yaml"), "--epochs", "2", "optim.lr=2e-3", "--output", str(out), "--no-progress"]
+    assert main([*argv, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["recipe"]["epochs"] == 2 and printed["optim"]["lr"] == 2e-3 and printed["output_dir"] == str(out)
+    assert main(argv) == 0
+    resolved = load_finetune_config(out / "config.yaml")
+    assert resolved.recipe.epochs == 2 and resolved.optim.lr == 2e-3 and resolved.data.train == str(colours)
+    assert resolved.optim.beta2 == 0.999  # fine-tuning's optimiser defaults, written out
+    assert len(json.loads((out / "metrics.json").read_text())["sweep"]) == 2
+    assert main(["finetune", "--config", str(tmp_path / "ft.yaml"), "--output", str(out), "recipe.epochs=x"]) == 1
+    assert "recipe.epochs takes an int" in capsys.readouterr().err
+
+
+def test_example_config_loads():
+    import training
+
+    config = load_finetune_config(Path(training.__file__).parent / "configs" / "digits_finetune.yaml")
+    assert config.recipe.mode == "lp-ft" and config.optim.layer_decay == 0.75

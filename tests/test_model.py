@@ -41,7 +41,9 @@ def _forward_backward(model, images, text):
 
 @pytest.mark.parametrize("name", TINY + BIG)
 def test_forward_backward_every_parameter_gets_gradient(name):
-    config = vlm.get_preset(name) if name in TINY else _shrunk(name)
+    config = vlm.get_preset(name)
+    if name not in TINY:  # a 4x4 patch grid: every parameter is still used, at a fraction of the cost
+        config = _shrunk(name).replace(vision={"image_size": 4 * config.vision.patch_size})
     model = vlm.create_model(config)
     images, text = _inputs(config)
     out = _forward_backward(model, images, text)

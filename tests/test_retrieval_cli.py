@@ -75,11 +75,13 @@ def test_caption_index_ivf_and_eval(setup, capsys):
     assert recall["images"] == 18 and set(recall["image_to_text"]) == {"1", "5"}
 
 
-def test_user_mistakes_are_clean_errors(setup, capsys):
+def test_user_mistakes_are_clean_errors(setup, tmp_path, capsys):
     root, *_ = setup
     assert main(["search", str(root / "nowhere"), "--text", "x"]) == 1
     assert "not a search index" in capsys.readouterr().err
-    assert index_build(root, root / "photos", root / "photos.index", "--no-progress") == 1
+    # An index of its own to refuse overwriting: the other tests' may be on another xdist worker, or not run.
+    assert index_build(root, root / "more", tmp_path / "taken.index", "--no-progress") == 0
+    assert index_build(root, root / "photos", tmp_path / "taken.index", "--no-progress") == 1
     assert "--overwrite" in capsys.readouterr().err
     assert index_build(root, root / "photos", root / "x", "--memory-budget", "lots") == 1
     assert "memory size" in capsys.readouterr().err

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import write_table
 from test_retrieval_support import REPO, kill_when, python_process, write_images
 
 import vlm
@@ -59,7 +58,7 @@ def test_list_file_and_tables(images, tmp_path):
     rows.append(dict(rows[0], text="another caption of the first image"))
     for suffix in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
         table = tmp_path / f"table{suffix}"
-        _write_table(table, rows)
+        write_table(table, rows)
         images_ = open_source(table)
         assert images_.keys == [str(p) for p in paths[:6]], suffix  # one item per image
         assert images_.captions[:2] == ["picture 0", "picture 1"]
@@ -68,23 +67,6 @@ def test_list_file_and_tables(images, tmp_path):
         assert len(captions) == 7 and captions.paths[6] == captions.paths[0]  # one item per caption
     with pytest.raises(ValueError, match="--image-column"):
         open_source(tmp_path / "table.csv", image_column="nope")
-
-
-def _write_table(path, rows):
-    if path.suffix in (".csv", ".tsv"):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
-            writer.writeheader()
-            writer.writerows(rows)
-    elif path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(rows))
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 def test_hugging_face_datasets(images, tmp_path, monkeypatch):
@@ -167,6 +149,7 @@ EmbeddingJob(sys.argv[1], model, open_source(sys.argv[2]), EmbedOptions(chunk_si
 """
 
 
+@pytest.mark.slow
 def test_sigkilled_job_restarts_and_embeds_everything_exactly_once(model, images, tmp_path):
     root, paths = images
     job_dir = tmp_path / "job"
@@ -201,6 +184,7 @@ def test_restart_with_another_model_is_refused(model, images, tmp_path):
 
 
 # ---- distributed ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_build_under_accelerate_launch_splits_and_merges(model, images, tmp_path):
     root, paths = images
     model.save_pretrained(tmp_path / "model")

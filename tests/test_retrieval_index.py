@@ -243,7 +243,9 @@ UPDATE_SPECS = {
 }
 
 
-@pytest.mark.parametrize("name", UPDATE_SPECS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "opq-disk" else n for n in UPDATE_SPECS]
+)
 def test_updates_equal_a_fresh_encoding_of_the_stored_vectors(name, data, tmp_path):
     spec = UPDATE_SPECS[name]
     ids = np.arange(N, dtype=np.int64) * 5 + 1
@@ -276,6 +278,7 @@ def test_updates_equal_a_fresh_encoding_of_the_stored_vectors(name, data, tmp_pa
         previous = vdir
 
 
+@pytest.mark.slow
 def test_ivfpq_skips_polysemous_training_and_old_factories_still_load(data, store, tmp_path):
     import faiss
 

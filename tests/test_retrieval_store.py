@@ -18,7 +18,7 @@ import vlm
 from retrieval.build import BuildOptions, build_index
 from retrieval.embedding_job import EmbedOptions
 from retrieval.search import SearchIndex
-from retrieval.store import IndexCorruptError, IndexDirectory
+from retrieval.index_directory import IndexCorruptError, IndexDirectory
 from retrieval.update import add_to_index, remove_from_index
 
 QUIET = BuildOptions(embed=EmbedOptions(progress=False, chunk_size=8, batch_size=4))
@@ -121,7 +121,7 @@ def test_publish_crash_between_write_and_rename_keeps_the_old_version(built, mod
 
 KILL_DURING_UPDATE = """
 import os, signal, sys, time
-import retrieval.store, vlm
+import retrieval.index_directory, vlm
 from retrieval.build import BuildOptions
 from retrieval.embedding_job import EmbedOptions
 from retrieval.update import add_to_index
@@ -131,12 +131,13 @@ if stage == "embedding":  # slow batches, so that the kill lands while shards ar
     encode = model.encode_image
     model.encode_image = lambda *a, **k: (time.sleep(0.2), encode(*a, **k))[1]
 else:  # die (SIGKILL, no cleanup) after the new version is written, before the manifest is replaced
-    retrieval.store.IndexDirectory.publish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    retrieval.index_directory.IndexDirectory.publish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 add_to_index(directory, source, model, options=BuildOptions(embed=EmbedOptions(progress=False, chunk_size=4, batch_size=2)))
 """
 
 
 @pytest.mark.parametrize("stage", ["embedding", "commit"])
+@pytest.mark.slow
 def test_killed_index_update_loses_and_duplicates_nothing(stage, built, model, tmp_path):
     directory, _, second, _ = built
     model_dir = tmp_path / "model"

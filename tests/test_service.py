@@ -427,6 +427,7 @@ def test_multipart_uploads_are_cut_at_the_limit_while_streaming(served):
 
 
 # ---- shutdown ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigterm_stops_the_server_in_bounded_time_with_a_request_in_flight(tmp_path):
     import signal
     import socket

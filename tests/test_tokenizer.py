@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import vlm.tokenizer as tokenizer_module
-from vlm.config import TextConfig, get_preset
+from vlm.config import TextConfig
+from vlm.presets import get_preset
 from vlm.model import create_model
 from vlm.tokenizer import Tokenizer, get_tokenizer
 
@@ -196,10 +197,12 @@ def test_a_full_cache_is_replaced_without_changing_ids(monkeypatch, reference, d
     assert replaced is not table and (replaced.words is table.words) == (full == "chunks")
 
 
-def test_special_token_strings_in_text_act_as_in_open_clip():
+def test_special_token_strings_in_text_act_as_in_open_clip(reference):
     tok = Tokenizer()
-    assert tok.encode("a<end_of_text>b") == [320, tok.eot_token_id, 321]
-    assert tok.encode("x.<end_of_text>")[:2] == [343, 29442]  # ".<" is one punctuation run: no special id
+    ids = tok.encode("a<end_of_text>b")
+    assert ids == reference.encode("a<end_of_text>b") and ids[1] == tok.eot_token_id and len(ids) == 3
+    ids = tok.encode("x.<end_of_text>")
+    assert ids == reference.encode("x.<end_of_text>") and tok.eot_token_id not in ids  # ".<" is one punctuation run
     assert tok.sot_token_id not in tok.encode("<ſtart_of_text>")  # matched case-insensitively, not an id
 
 
@@ -212,7 +215,7 @@ def test_threads_sharing_the_cache_get_the_same_ids(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
-def test_truncation_is_counted_and_logged_once_per_call(caplog):
+def test_truncation_is_counted_and_logged_once_per_call(reference, caplog):
     tok = Tokenizer(context_length=8)
     with caplog.at_level(logging.WARNING, logger="vlm.tokenizer"):
         ids = tok(["a b c d e f", "one two", "a b c d e f g h i"])
@@ -223,19 +226,36 @@ def test_truncation_is_counted_and_logged_once_per_call(caplog):
     assert len(warnings) == 2
     assert "1 of 3 texts were longer than 8 tokens" in warnings[0].getMessage()
     assert "overflow='error'" in warnings[0].getMessage()
-    assert ids[2].tolist() == [tok.sot_token_id, 320, 321, 322, 323, 324, 325, tok.eot_token_id]
+    # A truncated row keeps the first context_length - 2 ids and still ends in eot.
+    assert ids[2].tolist() == [tok.sot_token_id, *reference.encode("a b c d e f g h i")[:6], tok.eot_token_id]
 
 
-def test_overflow_error_names_the_text():
+def test_overflow_error_names_the_text(reference):
     tok = Tokenizer(context_length=8, overflow="error")
     assert tok(["a b c d e f"]).shape == (1, 8)  # 6 words + sot + eot fit exactly
     long_text = "first fits " + "many words " * 20
-    named = r"text 1 \('first fits many words.*\.\.\.'\) is 44 tokens .* context_length=8"
+    length = len(reference.encode(long_text)) + 2
+    named = rf"text 1 \('first fits many words.*\.\.\.'\) is {length} tokens .* context_length=8"
     with pytest.raises(ValueError, match=named):
         tok(["fine", long_text])
     with pytest.raises(ValueError, match="overflow='truncate'"):
         tok("a b c d e f g", context_length=8)
     assert tok.num_truncated == 0
+
+
+def test_overflow_messages_name_the_callers_setting(caplog):
+    tok = Tokenizer(context_length=4, overflow_setting="--text-overflow {}")
+    with caplog.at_level(logging.WARNING, logger="vlm.tokenizer"):
+        tok(["a b c d e", "a"])
+    assert "(--text-overflow truncate); use --text-overflow error to refuse them" in caplog.records[0].getMessage()
+    quiet = Tokenizer(context_length=4, warn_each_call=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlm.tokenizer"):
+        quiet(["a b c d e", "a b c d e f"])
+    assert quiet.num_truncated == 2 and not caplog.records  # the caller reports the total
+    strict = Tokenizer(context_length=4, overflow="error", overflow_setting="data.text_overflow={}")
+    with pytest.raises(ValueError, match=r"\(data.text_overflow=error\); shorten it, or use data.text_overflow=truncate"):
+        strict(["a b c d e"])
 
 
 @pytest.mark.parametrize("bad", ["clip", None, "TRUNCATE"])
@@ -252,13 +272,14 @@ def test_bad_context_length_is_refused(bad):
         Tokenizer()(["a"], context_length=bad)
 
 
-def test_batch_shapes_and_types():
+def test_batch_shapes_and_types(reference):
     tok = Tokenizer()
     assert tok([]).shape == (0, 77) and tok([]).dtype == torch.long
     assert tok([], context_length=16).shape == (0, 16)
     assert tok("a cat").shape == (1, 77)
     assert torch.equal(tok(("a", "b")), tok(iter(["a", "b"])))
-    assert (tok.vocab_size, tok.sot_token_id, tok.eot_token_id, tok.pad_token_id) == (49408, 49406, 49407, 0)
+    expected = (reference.vocab_size, reference.sot_token_id, reference.eot_token_id, 0)  # open_clip pads with 0
+    assert (tok.vocab_size, tok.sot_token_id, tok.eot_token_id, tok.pad_token_id) == expected
 
 
 @pytest.mark.parametrize(
@@ -282,12 +303,12 @@ def test_decode_round_trips_plain_text(reference):
     assert tok.decode([tok.sot_token_id, tok.eot_token_id, 0, 0]) == ""
 
 
-def test_decode_refuses_batches_and_unknown_ids():
+def test_decode_refuses_batches_and_unknown_ids(reference):
     tok = Tokenizer()
     with pytest.raises(ValueError, match="one row"):
         tok.decode(tok(["a", "b"]))
-    with pytest.raises(ValueError, match=r"\[0, 49408\)"):
-        tok.decode([320, 49408])
+    with pytest.raises(ValueError, match=rf"\[0, {reference.vocab_size}\)"):
+        tok.decode([*reference.encode("a"), reference.vocab_size])
 
 
 def test_get_tokenizer_accepts_configs_models_and_lengths():

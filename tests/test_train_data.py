@@ -94,7 +94,7 @@ def test_table_formats_agree(tmp_path):
 
 def test_missing_column_names_the_columns(tmp_path):
     path = write_pairs(tmp_path, 2)
-    with pytest.raises(ValueError, match=r"no text column 'txt'.*\['image', 'caption', 'label'\].*data.text_column"):
+    with pytest.raises(ValueError, match=r"no column 'txt' \(the text column\).*\['image', 'caption', 'label'\].*data.text_column"):
         open_source(str(path), text_column="txt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_source(str(tmp_path / "nope.csv"))
@@ -120,9 +120,14 @@ def test_hf_imagefolder_and_saved_dataset(tmp_path):
     saved = open_source(str(tmp_path / "saved"))
     assert [r.text for r in saved.records()] == ["a", "b", "c", "d"]
     assert vlm.load_image(saved[2].image).size == (32, 32)
+    # The hf: spec every verb takes: training used to hand "hf:DIR" to load_dataset as a hub name.
+    prefixed = open_source(f"hf:{tmp_path / 'saved'}")
+    assert isinstance(prefixed, HFSource) and [r.text for r in prefixed.records()] == ["a", "b", "c", "d"]
 
 
-def _write_shards(root, n_shards=2, per_shard=6):
+def _write_shards(root, n_shards=2, per_shard=6, cls=None):
+    """Tar shards of PNG + txt samples (the second shard's third image is garbage); with `cls`, each
+    sample also has a .cls holding `cls(shard, index)`."""
     root.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
         with tarfile.open(root / f"shard-{s:05d}.tar", "w") as tar:
@@ -131,7 +136,9 @@ def _write_shards(root, n_shards=2, per_shard=6):
                 buf = io.BytesIO()
                 Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(buf, format="PNG")
                 data = b"garbage" if (s, i) == (1, 2) else buf.getvalue()
-                for ext, payload in (("png", data), ("txt", f"sample {key}".encode())):
+                fields = [("png", data), ("txt", f"sample {key}".encode())]
+                fields += [("cls", str(cls(s, i)).encode())] if cls else []
+                for ext, payload in fields:
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -155,6 +162,15 @@ def test_tar_shards_stream_split_and_resume(tmp_path):
     failures = [f for b in batches for f in b.failures]
     assert [f.source.split(":")[-1] for f in failures] == ["1_002"]
     assert sum(len(b) for b in batches) == 11
+
+
+def test_a_cls_that_is_not_a_number_names_its_shard_and_key(tmp_path):
+    good = open_source(_write_shards(tmp_path / "good", cls=lambda s, i: i % 3), need_text=False, need_label=True)
+    assert [r.label for r in good.records(4)] == [0, 1, 2, 0]
+    spec = _write_shards(tmp_path / "bad", cls=lambda s, i: "cat" if (s, i) == (1, 4) else i % 3)
+    source = open_source(spec, need_text=False, need_label=True)
+    with pytest.raises(ValueError, match=r"shard-00001\.tar:1_004 has \.cls 'cat', not an integer"):
+        source.records()
 
 
 # ---- bad samples ---------------------------------------------------------------------------------
@@ -227,3 +243,23 @@ def test_processes_split_each_global_batch(tmp_path):
         assert [k.index for k in one[step]] == [k.index for k in two[0][step] + two[1][step]]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         PairBatchSampler(source, local_batch=9, world_size=2)
+
+
+def test_the_zeroshot_set_follows_the_one_label_rule(tmp_path):
+    from training.config import load_config
+    from training.evaluation import load_eval_sets
+
+    path = write_pairs(tmp_path, 4)
+    rows = path.read_text().splitlines()
+    # A column that mixes names and class numbers: "red" by name, "2" numbering eval.classnames.
+    path.write_text("\n".join([rows[0], rows[1], rows[2].rsplit(",", 1)[0] + ",2", *rows[3:]]) + "\n")
+    names = "['red','green','blue','black']"
+    config = load_config(None, [f"eval.zeroshot={path}", f"eval.classnames={names}", "eval.max_samples=3"])
+    zeroshot = load_eval_sets(config).zeroshot
+    assert zeroshot.labels.tolist() == [0, 2, 2] and len(zeroshot.images) == 3
+    # Without class names: the data's own, sorted.
+    assert load_eval_sets(load_config(None, [f"eval.zeroshot={path}"])).zeroshot.classnames == ("2", "black", "blue", "red")
+    # Tar shards: an integer .cls.
+    shards = _write_shards(tmp_path / "tars", cls=lambda s, i: i % 2)
+    tars = load_eval_sets(load_config(None, [f"eval.zeroshot={shards}", "eval.classnames=['a','b']"])).zeroshot
+    assert tars.labels.tolist()[:4] == [0, 1, 0, 1] and tars.classnames == ("a", "b")

@@ -59,7 +59,7 @@ def _worker(out_dir: Path) -> None:
     from accelerate import Accelerator
 
     from training.config import LossConfig
-    from training.step import loss_and_gradients
+    from training.grad_cache import loss_and_gradients
 
     from vlm.distributed import dist_info
 
@@ -78,10 +78,11 @@ def _worker(out_dir: Path) -> None:
         )
 
 
-def _torchrun(args, env_extra=None, timeout=300):
-    env = dict(
-        os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"
-    )
+def _torchrun(args, env_extra=None, timeout=300, accelerate_use_cpu=True):
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    if accelerate_use_cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -89,11 +90,12 @@ def _torchrun(args, env_extra=None, timeout=300):
     return proc
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     from accelerate import Accelerator
 
     from training.config import LossConfig
-    from training.step import loss_and_gradients
+    from training.grad_cache import loss_and_gradients
 
     _torchrun([__file__, str(tmp_path)])
     accelerator = Accelerator(cpu=True)
@@ -114,6 +116,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
                 )
 
 
+@pytest.mark.slow
 def test_vlm_train_with_two_processes_matches_one(tmp_path):
     """`vlm train` under a two-process launch: the run directory is complete and the weights after
     two steps equal those of a one-process run on the same global batches."""
@@ -147,6 +150,24 @@ def test_vlm_train_with_two_processes_matches_one(tmp_path):
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=key)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 2] and "eval/zeroshot_top1" in rows[-1]
+
+
+@pytest.mark.slow
+def test_plain_torchrun_on_cpu_is_one_run_of_two_processes(tmp_path):
+    """The README's `torchrun --nproc_per_node 2 -m vlm train ...` as typed on a machine without a GPU (no
+    ACCELERATE_USE_CPU): one process logs each step once, and the checkpoint holds both processes."""
+    import json
+
+    data = write_pairs(tmp_path / "data", 8)
+    args = [f"data.train={data}", "data.batch_size=4", "data.num_workers=0", "model.name=tiny", "schedule.steps=2"]
+    args += ["schedule.warmup_steps=1", "checkpoint.every=2", "logging.progress=false", "logging.plot=false"]
+    # No GPU visible even where there is one: the machine this launch went wrong on.
+    _torchrun(["-m", "vlm", "train", *args, f"output_dir={tmp_path / 'run'}"], {"CUDA_VISIBLE_DEVICES": ""}, accelerate_use_cpu=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["samples"] == 8
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["positions"] == [{"epoch": 0, "step": 2}] * 2
+    assert (tmp_path / "run" / "model").is_dir()
 
 
 def test_one_rank_rule_for_training_and_indexing(monkeypatch, tmp_path):

@@ -129,6 +129,7 @@ def _launch(argv, env):
     )
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_exact(tmp_path):
     """SIGKILL after a checkpoint, resume: the same weights as a run never interrupted."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -299,10 +300,9 @@ def test_tensorboard_logging(tmp_path):
 
 
 def test_zeroshot_labels_by_name_or_index():
-    from training.evaluation import _label_indices
-    from training.sources import Record
+    from vlm.data import label_ids
 
-    records = [Record("a.png", None, "a.png", label) for label in ("cat", "1", 0, "dog")]
-    assert _label_indices(records, ("cat", "dog"), "set").tolist() == [0, 1, 0, 1]
-    with pytest.raises(ValueError, match="'bird' of b.png is neither one of eval.classnames"):
-        _label_indices([Record("b.png", None, "b.png", "bird")], ("cat", "dog"), "set")
+    ids, names = label_ids(["cat", "1", 0, "dog"], ("cat", "dog"), where="set")
+    assert (list(ids), names) == ([0, 1, 0, 1], ("cat", "dog"))
+    with pytest.raises(ValueError, match="bird"):
+        label_ids(["bird", "cat"], ("cat", "dog"), where="set")

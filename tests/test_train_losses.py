@@ -11,7 +11,7 @@ from test_train_data import one_thread  # noqa: F401  (fixture)
 import vlm
 from training.config import LossConfig
 from training.losses import clip_loss, contrastive_loss, sigmoid_loss
-from training.step import loss_and_gradients
+from training.grad_cache import loss_and_gradients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

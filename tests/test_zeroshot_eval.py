@@ -11,14 +11,13 @@ import torch
 from PIL import Image
 
 import vlm
-from vlm.classify import HFImageColumn, Prediction, classify_images, format_predictions, image_files
+from vlm.classify import Prediction, classify_images, format_predictions
+from vlm.data import HFImageColumn, image_files, labelled_folder, labelled_hf_dataset
 from vlm.evaluation import (
     compute_metrics,
     confusion_matrix,
     cross_validated_probe,
     evaluate_zeroshot,
-    labelled_folder,
-    labelled_hf_dataset,
     linear_probe,
     per_class_recall,
     save_confusion_png,

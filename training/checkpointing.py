@@ -2,8 +2,9 @@
 
 A checkpoint is a directory ``checkpoints/step_00001000`` holding what `accelerator.save_state`
 writes (model, optimiser, scheduler, gradient scaler, every process's RNG states) plus
-``trainer_state.json`` (step, data position of every process, counters) and the resolved config.
-It is written under a hidden temporary name and renamed into place once complete; older
+``trainer_state.json`` (step, data position of every process, counters) and the resolved config,
+and, when the trainer has more (fine-tuning's weight EMA, shuffling generator and losses), the tensors
+of ``extra.safetensors``: plain data, never a pickle. It is written under a hidden temporary name and renamed into place once complete; older
 checkpoints are deleted only after that rename, so there is always one complete checkpoint on disk.
 A directory without ``trainer_state.json`` or with the temporary prefix is never resumed from.
 """
@@ -19,13 +20,17 @@ from pathlib import Path
 
 from vlm.files import fsync_dir, fsync_tree
 
-from .config import TrainConfig, write_config
+import torch
+
+from .config import write_config
 from .data import Position
 
 __all__ = [
     "TrainerState",
     "save_checkpoint",
     "load_checkpoint",
+    "load_extra",
+    "checkpoint_to_resume",
     "list_checkpoints",
     "latest_checkpoint",
     "clean_partial",
@@ -34,6 +39,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.json"
+EXTRA_NAME = "extra.safetensors"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 
@@ -48,6 +54,9 @@ class TrainerState:
     samples_seen: int = 0
     skipped_samples: int = 0
     nonfinite_streak: int = 0
+    # What a checkpoint must agree on to be resumed (fine-tuning: its settings, model kind and data);
+    # empty when the trainer checks nothing.
+    run: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The state as the indented JSON of ``trainer_state.json``."""
@@ -89,8 +98,27 @@ def clean_partial(run_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, config: TrainConfig) -> Path:
-    """Writes the checkpoint of `state.step` atomically and keeps the newest `config.checkpoint.keep`."""
+def checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a run continues from per `resume` ("auto": the latest of `run_dir`, if any; "never":
+    none, and an error when `run_dir` has one; else that directory), or None for a fresh start."""
+    found = latest_checkpoint(run_dir)
+    if resume == "never":
+        if found is not None:
+            raise ValueError(
+                f"{run_dir} already has checkpoints (latest {found.name}) and checkpoint.resume=never; "
+                "choose a new output_dir, or set checkpoint.resume=auto to continue"
+            )
+        return None
+    return found if resume == "auto" else Path(resume)
+
+
+def save_checkpoint(
+    accelerator, run_dir: Path, state: TrainerState, config, extra: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Writes the checkpoint of `state.step` atomically and keeps the newest `config.checkpoint.keep`.
+
+    `config` is the run's dataclass config (written resolved beside the weights); `extra` holds tensors
+    the trainer keeps outside accelerate's state, the same on every process (the main one writes them)."""
     root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{state.step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -103,6 +131,10 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, config: Tra
     if accelerator.is_main_process:
         write_config(config, tmp / "config.yaml")
         (tmp / STATE_NAME).write_text(state.to_json())
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / EXTRA_NAME))
         fsync_tree(tmp)  # the rename must not outrun the data
         if final.exists():  # the same step saved again (a run resumed at its last step)
             shutil.rmtree(final)
@@ -126,3 +158,11 @@ def load_checkpoint(accelerator, path: Path) -> TrainerState:
     state = TrainerState.from_json((path / STATE_NAME).read_text())
     logger.info("resumed from %s at step %d", path, state.step)
     return state
+
+
+def load_extra(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors `save_checkpoint` wrote as `extra` into the checkpoint `path` ({} when none)."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / EXTRA_NAME
+    return load_file(str(file)) if file.is_file() else {}

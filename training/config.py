@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from vlm.files import atomic_write_text
+from vlm.overflow import OVERFLOW_POLICIES
 
 __all__ = [
     "DataConfig",
@@ -34,7 +35,7 @@ __all__ = [
     "config_to_dict",
 ]
 
-DATA_FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "hf", "imagefolder", "webdataset")
+DATA_FORMATS = ("auto", "csv", "tsv", "jsonl", "json", "parquet", "list", "hf", "imagefolder", "webdataset")
 LOSSES = ("clip", "siglip")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -55,12 +56,13 @@ def _choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:
 class DataConfig:
     """Where the image-text pairs come from and how they are batched."""
 
-    # A table (.csv, .tsv, .jsonl, .parquet), a Hugging Face dataset (name, saved directory, or an
-    # imagefolder directory with a metadata file) or tar shards ("shards/{00000..00009}.tar", a glob).
+    # A table (.csv, .tsv, .jsonl, .json, .parquet, or a list file of "path<TAB>text" lines), a Hugging
+    # Face dataset (hf:NAME_OR_DIR, a saved directory, or an imagefolder directory with a metadata file)
+    # or tar shards ("shards/{00000..00009}.tar", a glob). Read by `vlm.data`, like every verb's data.
     train: str = ""
     format: str = "auto"
-    # None picks the usual name for the format: "image"/"caption" in tables, the image feature and
-    # "text"/"caption" in Hugging Face datasets, jpg/png/webp and "txt" in tar shards.
+    # None picks the first of the usual names (`vlm.data.columns`): image/img/path/... and the image
+    # feature of a Hugging Face dataset, jpg/png/... in tar shards; caption/text/txt/title/...
     image_column: str | None = None
     text_column: str | None = None
     # Relative image paths in a table resolve against this folder; None: the table's own folder.
@@ -80,9 +82,13 @@ class DataConfig:
     sample_timeout: float = 30.0
     # How many skipped samples are logged by name before only the count goes on.
     show_failures: int = 10
+    # A caption longer than the model's context: "truncate" keeps its first tokens (open_clip's
+    # behaviour; the run logs the total), "error" stops the run naming it.
+    text_overflow: str = "truncate"
 
     def __post_init__(self) -> None:
         _choice("data", "format", self.format, DATA_FORMATS)
+        _choice("data", "text_overflow", self.text_overflow, OVERFLOW_POLICIES)
         for name in ("batch_size", "shuffle_buffer"):
             _positive("data", name, getattr(self, name))
         for name in ("num_workers", "sample_timeout", "show_failures"):
@@ -130,11 +136,17 @@ class OptimConfig:
     eps: float = 1e-6
     # Gradient-norm clipping; 0 turns it off.
     grad_clip: float = 1.0
+    # Layer-wise lr decay of the image tower: block i of D trains at lr * layer_decay ** (D - i), the
+    # embeddings at lr * layer_decay ** (D + 1), everything above at lr. 1 = none; 0.65-0.75 is usual
+    # when fine-tuning a pretrained tower, whose lower blocks need to move least.
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         _positive("optim", "lr", self.lr)
         for name in ("weight_decay", "grad_clip", "eps"):
             _positive("optim", name, getattr(self, name), zero_ok=True)
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = no decay; 0.75 is usual), got {self.layer_decay!r}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0 <= value < 1:
@@ -203,10 +215,12 @@ class EvalConfig:
 
     # Steps between evaluations; 0 evaluates only at the end.
     every: int = 0
-    # A labelled set of images (a table or dataset with an image and a label column).
+    # A labelled set of images: a table or dataset with an image and a label column, a folder of
+    # class folders, or tar shards with an integer .cls.
     zeroshot: str | None = None
-    label_column: str = "label"
-    # Class names in label order; empty: the sorted distinct labels of the set.
+    # None picks the first of label/labels/class/cls/target.
+    label_column: str | None = None
+    # Class names in label order; empty: the data's own (the one label rule of `vlm.data.labels`).
     classnames: tuple[str, ...] = ()
     # Prompts with "{}" for the class name; the classifier averages their normalised embeddings.
     templates: tuple[str, ...] = ("a photo of a {}.",)
@@ -338,10 +352,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], cls: type = TrainConfig) -> dict[str, Any]:
     """`data` with each ``key.sub=value`` applied; the value is read as YAML (numbers, lists, null...).
 
-    The key must exist in TrainConfig: a typo is an error naming the key, never a silently new setting.
+    The key must exist in `cls`: a typo is an error naming the key, never a silently new setting.
     """
     out = json.loads(json.dumps(data))
     for item in overrides:
@@ -349,7 +363,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value; write e.g. optim.lr=1e-3")
         parts = key.split(".")
-        _check_key(parts, key)
+        _check_key(cls, parts, key)
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -359,8 +373,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     return out
 
 
-def _check_key(parts: list[str], key: str) -> None:
-    cls: Any = TrainConfig
+def _check_key(cls: Any, parts: list[str], key: str) -> None:
     for i, part in enumerate(parts):
         if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
             if cls is dict or typing.get_origin(cls) is dict:
@@ -398,13 +411,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """The TrainConfig of a JSON/YAML file (or the defaults) with dotted `overrides` applied."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls: type = TrainConfig) -> Any:
+    """The `cls` (TrainConfig, or another config such as fine-tuning's) of a JSON/YAML file (or the
+    defaults) with dotted `overrides` applied."""
     data = read_config_file(path) if path is not None else {}
-    return config_from_dict(apply_overrides(data, overrides))
+    return config_from_dict(apply_overrides(data, overrides, cls), cls)
 
 
-def write_config(config: TrainConfig, path: str | Path) -> Path:
+def write_config(config: Any, path: str | Path) -> Path:
     """The resolved config as YAML, written atomically and durably (`vlm.files.atomic_write_text`)."""
     import yaml
 

@@ -10,6 +10,8 @@ Three properties the loop relies on:
 - A sample that cannot be used (missing or broken image, empty caption, one that takes longer than
   `sample_timeout` to load) is dropped from its batch and reported in `PairBatch.failures`; the
   batch goes on without it and no replacement is waited for.
+- A caption longer than the model's context follows `data.text_overflow`: cut, and counted in
+  `PairBatch.truncated` for the run's one total (`report_truncated`), or an error naming it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlm.data import Failure
 from vlm.images import ImageLoadError, load_image
 from vlm.hf_tokenizer import HFTokenizer
-from vlm.tokenizer import Tokenizer
+from vlm.tokenizer import Tokenizer, get_tokenizer
 
 from .sources import MapSource, Record, StreamSource
 
@@ -40,10 +42,15 @@ __all__ = [
     "PairDataset",
     "PairBatchSampler",
     "collate_pairs",
+    "caption_tokenizer",
     "build_loader",
+    "report_truncated",
 ]
 
 logger = logging.getLogger(__name__)
+
+# How the trainer's overflow policy is set, for the tokenizer's errors and the run's total.
+TEXT_OVERFLOW_KEY = "data.text_overflow={}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class PairBatch:
     failures: list[Failure]
     position: Position  # the data position after this batch
     names: list[str] = field(default_factory=list)
+    truncated: int = 0  # captions cut to the model's context
 
     def __len__(self) -> int:
         return len(self.images)
@@ -186,8 +194,10 @@ class collate_pairs:
             empty = torch.zeros(0, 3, size, size), torch.zeros(0, self.context_length, dtype=torch.long)
             return PairBatch(*empty, failures, position)
         images = torch.stack([s.image for s in good])
+        before = self.tokenizer.num_truncated
         texts = self.tokenizer([s.text for s in good])
-        return PairBatch(images, texts, failures, position, [s.name for s in good])
+        truncated = self.tokenizer.num_truncated - before
+        return PairBatch(images, texts, failures, position, [s.name for s in good], truncated)
 
 
 class PairBatchSampler:
@@ -261,6 +271,23 @@ class PairBatchSampler:
                 step, keys = step + 1, []
 
 
+def caption_tokenizer(model: Any, text_overflow: str) -> Tokenizer | HFTokenizer:
+    """The model's tokenizer for training captions under `data.text_overflow`: silent per batch, since
+    the loop reports one total (`report_truncated`); errors name the config key."""
+    return get_tokenizer(model, overflow=text_overflow, overflow_setting=TEXT_OVERFLOW_KEY, warn_each_call=False)
+
+
+def report_truncated(truncated: int) -> None:
+    """Logs the run's total of truncated captions (nothing when there were none)."""
+    if truncated:
+        logger.warning(
+            "%d captions were longer than the model's context and were truncated (%s); set %s to refuse them",
+            truncated,
+            TEXT_OVERFLOW_KEY.format("truncate"),
+            TEXT_OVERFLOW_KEY.format("error"),
+        )
+
+
 def build_loader(
     source: MapSource | StreamSource,
     transform: Any,
@@ -277,7 +304,7 @@ def build_loader(
     pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader of `PairBatch`es for this process, starting at `start`, running for ever; captions are
-    tokenized with `tokenizer` (the model's: `vlm.get_tokenizer(model)`)."""
+    tokenized with `tokenizer` (the model's: `caption_tokenizer(model, config.data.text_overflow)`)."""
     sampler = PairBatchSampler(
         source, local_batch=local_batch, rank=rank, world_size=world_size, seed=seed, start=start
     )

@@ -1,6 +1,7 @@
-"""Collectives for the contrastive loss: an all-gather that carries gradients back to their process.
+"""Processes: the one `Accelerator` of every training job, and the collectives of the contrastive loss.
 
-`accelerator.gather` (like `torch.distributed.all_gather`) returns tensors cut off from autograd, so
+`make_accelerator` sees the launch the same way under torchrun and `accelerate launch`, on CPU and GPU
+(see there). `accelerator.gather` (like `torch.distributed.all_gather`) returns tensors cut off from autograd, so
 the features of the other processes would be constants and each process would only learn from its
 own rows of the similarity matrix. `gather_with_grad` sends the gradient of every gathered row back
 to the process that produced it.
@@ -8,7 +9,9 @@ to the process that produced it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -16,7 +19,21 @@ from torch import Tensor
 
 from vlm.distributed import dist_info
 
-__all__ = ["Gathered", "gather_with_grad", "world_size", "rank", "all_reduce_mean", "all_reduce_sums"]
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = [
+    "make_accelerator",
+    "resolve_mixed_precision",
+    "Gathered",
+    "gather_with_grad",
+    "world_size",
+    "rank",
+    "all_reduce_mean",
+    "all_reduce_sums",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def _active() -> bool:
@@ -32,6 +49,43 @@ def world_size() -> int:
 def rank() -> int:
     """This process's rank (`vlm.distributed.dist_info`), 0 in a single process."""
     return dist_info()[0]
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """The precision accelerate should use for `requested` ("auto": bf16 or fp16 on a GPU, fp32 on CPU)."""
+    has_gpu = torch.cuda.is_available()
+    if requested == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if has_gpu else "no"
+    if requested == "fp16" and not has_gpu:
+        raise ValueError("mixed_precision=fp16 needs a GPU; on CPU use mixed_precision=no (or auto)")
+    if requested == "bf16" and not has_gpu:
+        logger.warning("mixed_precision=bf16 on CPU: bf16 matrix products are far slower than fp32 on most CPUs")
+    return requested
+
+
+def _launched_without_device() -> bool:
+    """Several processes were launched and none has a device with a collective backend (MPS has none)."""
+    if world_size() < 2:
+        return False
+    return not (torch.accelerator.is_available() and torch.accelerator.current_accelerator().type != "mps")
+
+
+def make_accelerator(mixed_precision: str) -> "Accelerator":
+    """The `accelerate.Accelerator` of a training job with `mixed_precision` ("auto": bf16 or fp16 on a GPU,
+    none on CPU); ValueError for fp16 without a GPU. Imports accelerate when called.
+
+    Launched processes are seen the same way under torchrun and `accelerate launch`: accelerate alone
+    takes torchrun's processes on a machine without a GPU for independent single-process runs (unless
+    ACCELERATE_USE_CPU is set), so every rank would log, save and step as the main process.
+    """
+    from accelerate import Accelerator
+
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(mixed_precision),
+        cpu=_launched_without_device(),
+        # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
+        step_scheduler_with_optimizer=False,
+    )
 
 
 @dataclass

@@ -9,12 +9,13 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from vlm.data import is_tar_spec, label_ids, open_labelled
 from vlm.embed import embed_images, embed_texts
 from vlm.metrics import positives_from_ids, retrieval_recall, topk_accuracy
 from vlm.model import CLIP
 
 from .config import TrainConfig
-from .sources import Record, open_pairs, open_source
+from .sources import open_pairs, open_source
 
 __all__ = [
     "ZeroShotSet",
@@ -58,22 +59,30 @@ class EvalSets:
         return self.zeroshot is not None or self.retrieval is not None
 
 
-def _label_indices(records: list[Record], classnames: tuple[str, ...], spec: str) -> Tensor:
-    """Labels as class indices: a class name, or an integer index into `classnames` (e.g. "7" in a CSV)."""
-    index = {name: i for i, name in enumerate(classnames)}
-    labels = []
-    for r in records:
-        key = str(r.label)
-        if key in index:
-            labels.append(index[key])
-        elif key.isdigit() and int(key) < len(classnames):
-            labels.append(int(key))
-        else:
-            raise ValueError(
-                f"{spec}: label {r.label!r} of {r.name} is neither one of eval.classnames {list(classnames)} nor "
-                "an index into them; fix eval.classnames, or leave it empty to use the labels found in the data"
-            )
-    return torch.tensor(labels, dtype=torch.long)
+def _zeroshot_set(config: TrainConfig) -> ZeroShotSet:
+    """The labelled set `eval.zeroshot` names: tar shards (labels from an integer .cls or the label
+    column), or anything `vlm.data.open_labelled` reads; labels by `vlm.data.label_ids`' one rule."""
+    ev, data = config.eval, config.data
+    class_names = ev.classnames or None
+    if is_tar_spec(ev.zeroshot):
+        source = open_source(ev.zeroshot, image_column=data.image_column, label_column=ev.label_column,
+                             need_text=False, need_label=True)  # fmt: skip
+        records = source.records(ev.max_samples)
+        column = source.columns.label or "label"
+        labels, names = label_ids([r.label for r in records], class_names, where=ev.zeroshot, column=column)
+        return ZeroShotSet([r.image for r in records], torch.tensor(labels, dtype=torch.long), names, ev.templates)
+    labelled = open_labelled(
+        ev.zeroshot,
+        split=data.eval_split,
+        image_column=data.image_column,
+        label_column=ev.label_column,
+        class_names=class_names,
+        image_root=data.image_root,
+    )
+    n = ev.max_samples or len(labelled.labels)
+    labels = torch.tensor(labelled.labels[:n], dtype=torch.long)
+    images = [labelled.images.sources[i] for i in range(len(labels))]
+    return ZeroShotSet(images, labels, labelled.class_names, ev.templates)
 
 
 def load_eval_sets(config: TrainConfig) -> EvalSets:
@@ -81,20 +90,9 @@ def load_eval_sets(config: TrainConfig) -> EvalSets:
     sets = EvalSets()
     ev, data = config.eval, config.data
     if ev.zeroshot:
-        source = open_source(
-            ev.zeroshot,
-            image_column=data.image_column,
-            label_column=ev.label_column,
-            need_text=False,
-            split=data.eval_split,
-            image_root=data.image_root,
-        )
-        records = source.records(ev.max_samples)
-        classnames = ev.classnames or tuple(sorted({str(r.label) for r in records}))
-        labels = _label_indices(records, classnames, ev.zeroshot)
-        sets.zeroshot = ZeroShotSet([r.image for r in records], labels, classnames, ev.templates)
+        sets.zeroshot = z = _zeroshot_set(config)
         logger.info(
-            "zero-shot set: %d images, %d classes, %d templates", len(records), len(classnames), len(ev.templates)
+            "zero-shot set: %d images, %d classes, %d templates", len(z.images), len(z.classnames), len(z.templates)
         )
     if data.eval:
         records = [

@@ -14,22 +14,21 @@ import torch
 from torch import nn
 
 from vlm.checkpoint import load
-from vlm.config import PRESETS
 from vlm.data import FailureLog
 from vlm.model import CLIP, create_model
-from vlm.tokenizer import get_tokenizer
+from vlm.presets import PRESETS
 from vlm.transforms import image_transform
 
-from .checkpointing import TrainerState, clean_partial, latest_checkpoint, load_checkpoint
+from .checkpointing import TrainerState, checkpoint_to_resume, clean_partial, latest_checkpoint, load_checkpoint
 from .checkpointing import save_checkpoint as _save_checkpoint
 from .config import ModelConfig, TrainConfig, config_to_dict, write_config
-from .data import PairBatch, Position, build_loader
-from .distributed import all_reduce_sums
+from .data import PairBatch, Position, build_loader, caption_tokenizer, report_truncated
+from .distributed import all_reduce_sums, make_accelerator, resolve_mixed_precision
 from .evaluation import EvalSets, load_eval_sets, retrieval_metrics, zeroshot_metrics
-from .metrics import MetricsLog, read_metrics
+from .grad_cache import loss_and_gradients
 from .optim import build_optimizer, build_scheduler, clamp_logit_scale, lock_image_tower
+from .run_log import MetricsLog, read_metrics
 from .sources import MapSource, open_pairs
-from .step import loss_and_gradients
 
 __all__ = [
     "train",
@@ -41,6 +40,7 @@ __all__ = [
     "Run",
     "NonFiniteLossError",
     "resolve_mixed_precision",
+    "progress_bar",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class StepOutput:
     skipped: int  # bad samples dropped from this step's global batch
     updated: bool  # False when the step was skipped (non-finite loss, or no usable sample)
     grad_norm: float = math.nan  # before clipping
+    truncated: int = 0  # captions of the global batch cut to the model's context
 
 
 @dataclass
@@ -91,6 +92,7 @@ class TrainResult:
     samples_seen: int
     skipped_samples: int
     seconds: float
+    truncated_captions: int = 0  # in this call (data.text_overflow=truncate)
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -112,33 +114,11 @@ def build_model(config: ModelConfig) -> CLIP:
     return model
 
 
-def resolve_mixed_precision(requested: str) -> str:
-    """The precision accelerate should use for `requested` ("auto": bf16 or fp16 on a GPU, fp32 on CPU)."""
-    has_gpu = torch.cuda.is_available()
-    if requested == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if has_gpu else "no"
-    if requested == "fp16" and not has_gpu:
-        raise ValueError("mixed_precision=fp16 needs a GPU; on CPU use mixed_precision=no (or auto)")
-    if requested == "bf16" and not has_gpu:
-        logger.warning("mixed_precision=bf16 on CPU: bf16 matrix products are far slower than fp32 on most CPUs")
-    return requested
-
-
-def make_accelerator(config: TrainConfig | str):
-    """An `accelerate.Accelerator` with the config's mixed precision, or the precision named ("auto":
-    bf16 or fp16 on a GPU, none on CPU); ValueError for fp16 without a GPU. Imports accelerate when called."""
-    from accelerate import Accelerator
-
-    precision = config if isinstance(config, str) else config.mixed_precision
-    # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
-    return Accelerator(mixed_precision=resolve_mixed_precision(precision), step_scheduler_with_optimizer=False)
-
-
 def prepare(config: TrainConfig) -> Run:
     """Accelerator, model, optimiser and schedule, ready to train or to restore into."""
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config.mixed_precision)
     set_seed(config.seed)
     model = build_model(config.model)
     optimizer = build_optimizer(model, config.optim)
@@ -157,16 +137,7 @@ def prepare(config: TrainConfig) -> Run:
 
 def restore(run: Run) -> TrainerState:
     """The progress to continue from: a checkpoint (per `checkpoint.resume`) or a fresh start."""
-    resume = run.config.checkpoint.resume
-    found = latest_checkpoint(run.run_dir)
-    if resume == "never":
-        if found is not None:
-            raise ValueError(
-                f"{run.run_dir} already has checkpoints (latest {found.name}) and checkpoint.resume=never; "
-                "choose a new output_dir, or set checkpoint.resume=auto to continue"
-            )
-        return TrainerState(positions=[Position()] * run.accelerator.num_processes)
-    path = found if resume == "auto" else Path(resume)
+    path = checkpoint_to_resume(run.run_dir, run.config.checkpoint.resume)
     if path is None:
         return TrainerState(positions=[Position()] * run.accelerator.num_processes)
     _warn_config_changes(path, run.config)
@@ -228,7 +199,7 @@ def training_batches(run: Run, state: TrainerState) -> Iterator[PairBatch]:
         image_transform(model_config, train=data.augment),
         local_batch=data.batch_size // acc.num_processes,
         image_size=model_config.vision.image_size,
-        tokenizer=get_tokenizer(run.clip),
+        tokenizer=caption_tokenizer(run.clip, data.text_overflow),
         rank=acc.process_index,
         world_size=acc.num_processes,
         seed=cfg.seed,
@@ -269,9 +240,10 @@ def _update(run: Run) -> float:
 def train_step(run: Run, batch: PairBatch, state: TrainerState) -> StepOutput:
     """One optimiser step on this process's share of the global batch; advances `state`."""
     acc = run.accelerator
-    samples, skipped = (int(v) for v in all_reduce_sums([len(batch), len(batch.failures)], acc.device))
+    counts = all_reduce_sums([len(batch), len(batch.failures), batch.truncated], acc.device)
+    samples, skipped, truncated = (int(v) for v in counts)
     run.optimizer.zero_grad(set_to_none=True)
-    out = StepOutput(math.nan, samples, skipped, updated=False)
+    out = StepOutput(math.nan, samples, skipped, updated=False, truncated=truncated)
     if samples == 0:
         logger.warning("step %d: every sample of the batch was skipped; no update", state.step)
     else:
@@ -348,7 +320,7 @@ def train(config: TrainConfig) -> TrainResult:
     bar = _progress(run, state.step)
     metrics: dict[str, float] = {}
     evaluated = False
-    out = StepOutput(math.nan, 0, 0, False)
+    out, truncated = StepOutput(math.nan, 0, 0, False), 0
     while state.step < last:
         tick = time.perf_counter()
         batch = next(batches)
@@ -356,6 +328,7 @@ def train(config: TrainConfig) -> TrainResult:
         # The totals live in `state`; the log only needs the failures it has shown (bounded memory).
         del failures.failures[failures.show :]
         out = train_step(run, batch, state)
+        truncated += out.truncated
         _log_step(run, log, state, out, time.perf_counter() - tick, bar)
         if evaluating and _due(state.step, config.eval.every, last):
             metrics, evaluated = evaluate(run, sets, state.step), True
@@ -367,6 +340,8 @@ def train(config: TrainConfig) -> TrainResult:
     if evaluating and not evaluated:  # resumed at the end: evaluate the final weights anyway
         metrics = evaluate(run, sets, state.step)
     model_dir = _finish(run, state, log)
+    if acc.is_main_process:
+        report_truncated(truncated)
     return TrainResult(
         run.run_dir,
         model_dir,
@@ -376,21 +351,20 @@ def train(config: TrainConfig) -> TrainResult:
         state.samples_seen,
         state.skipped_samples,
         time.perf_counter() - start_time,
+        truncated,
     )
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    """The steps' progress bar of a trainer (a disabled one when `enabled` is false)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
 
 
 def _progress(run: Run, initial: int):
-    from tqdm.auto import tqdm
-
     enabled = run.config.logging.progress and run.accelerator.is_main_process
-    return tqdm(
-        total=run.config.schedule.steps,
-        initial=initial,
-        desc="train",
-        unit="step",
-        disable=not enabled,
-        dynamic_ncols=True,
-    )
+    return progress_bar(run.config.schedule.steps, initial, "train", enabled)
 
 
 def _log_step(run: Run, log: MetricsLog, state: TrainerState, out: StepOutput, seconds: float, bar) -> None:

@@ -18,24 +18,45 @@ __all__ = ["param_groups", "build_optimizer", "build_scheduler", "lr_at", "lock_
 logger = logging.getLogger(__name__)
 
 
-def param_groups(model: CLIP, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decay for trainable weights with ndim >= 2 outside `no_weight_decay()`
-    (so not embeddings, norms, biases or `logit_scale`), none for the rest."""
+def _image_layer(name: str, depth: int) -> int:
+    """0 for the image tower's embedding (patches, class token, positions, pre-norm), i + 1 for its
+    block i, depth + 1 for everything above (final norm, pooling, projection, a head, the text tower)."""
+    if name.startswith("visual.transformer.blocks."):
+        return int(name.split(".")[3]) + 1
+    if name.startswith(("visual.patch_embed", "visual.class_token", "visual.pos_embed", "visual.norm_pre")):
+        return 0
+    return depth + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, lr: float | None = None, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups of the trainable parameters of a CLIP or an image classifier (anything with an image
+    tower `visual` and `no_weight_decay()`).
+
+    Weight decay goes on weights with ndim >= 2 outside `no_weight_decay()` (so not embeddings, norms,
+    biases or `logit_scale`), none on the rest. Layer-wise lr decay (`layer_decay` < 1, which needs
+    `lr`): block i of the image tower's D trains at lr * layer_decay ** (D - i), its embeddings at
+    lr * layer_decay ** (D + 1), everything above at lr. With layer_decay 1: two groups, decay first."""
+    if layer_decay != 1 and lr is None:
+        raise ValueError("param_groups: layer_decay needs the base lr to scale; pass lr=")
     skip = model.no_weight_decay()
-    decay, no_decay = [], []
+    depth = len(model.visual.transformer.blocks)
+    top = depth + 1
+    groups: dict[tuple[int, bool], dict] = {(top, True): {"params": []}, (top, False): {"params": []}}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.ndim >= 2 and name not in skip else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        if param.requires_grad:
+            decay = param.ndim >= 2 and name not in skip
+            layer = _image_layer(name, depth) if layer_decay != 1 else top
+            groups.setdefault((layer, decay), {"params": []})["params"].append(param)
+    for (layer, decay), group in groups.items():
+        group["weight_decay"] = weight_decay if decay else 0.0
+        if lr is not None:
+            group["lr"] = lr * layer_decay ** (top - layer)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
-def build_optimizer(model: CLIP, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, config.weight_decay)`; ValueError when no parameter is trainable."""
-    groups = param_groups(model, config.weight_decay)
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (with `config.layer_decay`); ValueError when no parameter is trainable."""
+    groups = param_groups(model, config.weight_decay, lr=config.lr, layer_decay=config.layer_decay)
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters; unlock a tower (model.lock_image=false)")
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
@@ -58,9 +79,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: ScheduleConfig) ->
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_at, config=config))
 
 
-def lock_image_tower(model: CLIP, unlocked_blocks: int = 0) -> None:
-    """LiT: freeze the image tower, except its last `unlocked_blocks` blocks and, when any block is
-    unlocked, the modules that read their output (final norm, attention pooling, projection)."""
+def lock_image_tower(model: nn.Module, unlocked_blocks: int = 0) -> None:
+    """LiT, and fine-tuning's last-N-blocks: freeze the image tower of `model` (a CLIP or an image
+    classifier), except its last `unlocked_blocks` blocks and, when any block is unlocked, the modules
+    that read their output (final norm, attention pooling, projection)."""
     visual = model.visual
     blocks = visual.transformer.blocks
     if unlocked_blocks > len(blocks):
@@ -68,10 +90,11 @@ def lock_image_tower(model: CLIP, unlocked_blocks: int = 0) -> None:
             f"model.unlocked_blocks={unlocked_blocks} but the image tower has {len(blocks)} blocks; "
             f"use at most {len(blocks)}"
         )
-    if model.config.share_transformer:
+    if _shares_image_transformer(model):
         raise ValueError(
-            "model.lock_image cannot lock a tower whose Transformer is shared with the text tower "
-            "(share_transformer=True); train both or use a model without sharing"
+            "cannot lock an image tower whose Transformer is shared with the text tower "
+            "(share_transformer=True); train both towers (no model.lock_image or model.unlocked_blocks) "
+            "or use a model without sharing"
         )
     visual.requires_grad_(False)
     trainable: list[nn.Module] = list(blocks[len(blocks) - unlocked_blocks :]) if unlocked_blocks else []
@@ -81,6 +104,14 @@ def lock_image_tower(model: CLIP, unlocked_blocks: int = 0) -> None:
         module.requires_grad_(True)
     frozen = sum(p.numel() for p in visual.parameters() if not p.requires_grad)
     logger.info("image tower locked: %s parameters frozen, %d block(s) trainable", f"{frozen:,}", unlocked_blocks)
+
+
+def _shares_image_transformer(model: nn.Module) -> bool:
+    """True when a module outside the image tower runs the image tower's Transformer (share_transformer)."""
+    tower = model.visual.transformer
+    return any(
+        m is tower for name, m in model.named_modules(remove_duplicate=False) if not name.startswith("visual.")
+    )
 
 
 @torch.no_grad()

@@ -1,11 +1,32 @@
-"""A PNG of the run: the training loss and the evaluation curves against the step."""
+"""The PNGs of the trainers: the loss and evaluation curves against the step, and fine-tuning's WiSE-FT
+sweep (accuracy against robustness per mixing coefficient)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
-__all__ = ["plot_curves", "smooth"]
+if TYPE_CHECKING:
+    from .wise_ft import WiseFTPoint
+
+__all__ = ["plot_curves", "plot_wise_ft_sweep", "smooth"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -19,11 +40,7 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Writes the loss curve (raw and smoothed) and every ``eval/*`` metric of `rows` to `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
@@ -43,8 +60,17 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_wise_ft_sweep(points: Sequence["WiseFTPoint"], path: str | Path) -> Path:
+    """Accuracy on the held-out split (x) against accuracy on its shifted copy (y), one labelled point
+    per WiSE-FT coefficient; written to `path`."""
+    fig, ax = _pyplot().subplots(figsize=(5, 4))
+    ax.plot([p.accuracy for p in points], [p.robustness for p in points], "o-")
+    for p in points:
+        ax.annotate(f"{p.alpha:g}", (p.accuracy, p.robustness), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("top-1, held-out split")
+    ax.set_ylabel("top-1, shifted copy")
+    ax.set_title("WiSE-FT sweep (label: coefficient)")
+    return _save(fig, path)

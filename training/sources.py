@@ -4,10 +4,13 @@ Every source hands out `Record`s: an image (a path, encoded bytes or a PIL image
 `vlm.load_image` reads), a caption and a name for error messages. Nothing is decoded here: decoding
 happens in DataLoader workers, where a bad sample is caught and skipped.
 
-- Tables (CSV, TSV, JSONL, Parquet) and Hugging Face datasets held on disk are indexable
+Tables and datasets are read by `vlm.data` (the reader, the ``hf:`` spec and the column names every
+verb uses); what is training's own is how they are served:
+
+- Tables (CSV, TSV, JSONL, JSON, Parquet) and Hugging Face datasets held on disk are indexable
   (`MapSource`): they are shuffled by index, and an epoch is `len // batch` steps.
-- Tar shards (the webdataset layout: ``key.jpg`` + ``key.txt`` per sample) are streamed
-  (`StreamSource`) through `datasets`' webdataset reader, shuffled by shard and through a buffer.
+- Tar shards (the webdataset layout: ``key.jpg`` + ``key.txt`` per sample, ``key.cls`` an integer label)
+  are streamed (`StreamSource`) through `datasets`' webdataset reader, shuffled by shard and through a buffer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
+
+from vlm.data import is_tar_spec, load_hf_dataset, pick_column, read_table, source_kind
+from vlm.data.hf import image_columns, keep_encoded, undecoded
+from vlm.data.tables import TABLE_FORMATS, image_cell, read_list, table_format
 
 from .config import DataConfig
 
@@ -36,11 +43,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
-WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
-TEXT_COLUMNS = ("caption", "text", "txt")
-HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 IMAGEFOLDER_MARKERS = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+PAIRS_HELP = "give a table with image and text columns, hf:NAME_OR_DIR, or tar shards"
 
 
 @dataclass(frozen=True)
@@ -70,27 +74,9 @@ class MapSource(abc.ABC):
         return [self[i] for i in range(n)]
 
 
-def _pick_column(explicit: str | None, candidates: tuple[str, ...], available: list[str], what: str, where: str) -> str:
-    setting = "eval.label_column" if what == "label" else f"data.{what}_column"
-    if explicit is not None:
-        if explicit not in available:
-            raise ValueError(
-                f"{where} has no {what} column {explicit!r}; its columns are {available}; set the right "
-                f"name with {setting}=..."
-            )
-        return explicit
-    for name in candidates:
-        if name in available:
-            return name
-    raise ValueError(
-        f"{where} has none of the usual {what} columns {list(candidates)}; its columns are {available}; "
-        f"name yours with {setting}=..."
-    )
-
-
 @dataclass(frozen=True)
 class Columns:
-    """The table columns of the image, the caption (None when not needed) and the label (None unless asked for)."""
+    """The columns of the image, the caption (None when not needed) and the label (None unless asked for)."""
 
     image: str
     text: str | None
@@ -104,28 +90,20 @@ def _columns(
     image: str | None,
     text: str | None,
     label: str | None,
-    image_candidates: tuple[str, ...] = ("image",),
+    prefer_image: tuple[str, ...] = (),
     need_text: bool = True,
+    need_label: bool = False,
 ) -> Columns:
-    """The image, text and label columns, checked against what `where` has."""
+    """The image, text and label columns, checked against what `where` has (`vlm.data.pick_column`)."""
     return Columns(
-        image=_pick_column(image, image_candidates, available, "image", where),
-        text=_pick_column(text, TEXT_COLUMNS, available, "text", where) if need_text or text else None,
-        label=_pick_column(label, (), available, "label", where) if label else None,
+        image=pick_column(available, "image", image, where=where, prefer=prefer_image),
+        text=pick_column(available, "text", text, where=where) if need_text or text else None,
+        label=pick_column(available, "label", label, where=where) if need_label or label else None,
     )
 
 
-def _image_value(value: Any, root: Path | None) -> Any:
-    """A table cell as something load_image reads: paths resolved against `root`, bytes as they are."""
-    if isinstance(value, dict):  # Hugging Face's Image(decode=False): {"bytes": ..., "path": ...}
-        return value.get("bytes") or _image_value(value.get("path"), root)
-    if isinstance(value, str) and root is not None and not Path(value).is_absolute():
-        return str(root / value)
-    return value
-
-
 class TableSource(MapSource):
-    """A CSV, TSV, JSONL or Parquet table of image paths (or bytes) and captions."""
+    """A CSV, TSV, JSONL, JSON or Parquet table (or a list file) of image paths (or bytes) and captions."""
 
     def __init__(
         self,
@@ -137,14 +115,10 @@ class TableSource(MapSource):
         label_column: str | None = None,
         image_root: str | Path | None = None,
         need_text: bool = True,
+        need_label: bool = False,
     ) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"table {self.path} does not exist; data.train (or data.eval) must name a file")
-        fmt = TABLE_FORMATS.get(self.path.suffix.lower()) if format == "auto" else format
-        if fmt is None:
-            raise ValueError(f"cannot tell the format of {self.path}; set data.format to csv, tsv, jsonl or parquet")
-        self.table = _read_table(self.path, fmt)
+        self.table = read_list(self.path) if format == "list" else read_table(self.path, format)
         self.columns = _columns(
             self.table.column_names,
             f"table {self.path}",
@@ -152,45 +126,22 @@ class TableSource(MapSource):
             text=text_column,
             label=label_column,
             need_text=need_text,
+            need_label=need_label,
         )
-        self.root = Path(image_root) if image_root else self.path.parent
-        self._images = self.table.column(self.columns.image)
-        self._texts = self.table.column(self.columns.text) if self.columns.text else None
-        self._labels = self.table.column(self.columns.label) if self.columns.label else None
+        self.root = str(image_root) if image_root else str(self.path.parent)
+        column = lambda name: self.table.column(name) if name else None  # noqa: E731
+        self._images, self._texts, self._labels = (column(n) for n in (self.columns.image, self.columns.text, self.columns.label))
         self.description = f"{self.path} ({len(self)} rows)"
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return len(self.table)
 
     def __getitem__(self, index: int) -> Record:
-        image = _image_value(self._images[index].as_py(), self.root)
-        text = self._texts[index].as_py() if self._texts is not None else None
-        label = self._labels[index].as_py() if self._labels is not None else None
+        image = image_cell(self._images[index], self.root)
+        text = self._texts[index] if self._texts is not None else None
+        label = self._labels[index] if self._labels is not None else None
         name = image if isinstance(image, str) else f"{self.path} row {index}"
         return Record(image, text, name, label)
-
-
-def _read_table(path: Path, fmt: str):
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-    import pyarrow.json as pjson
-    import pyarrow.parquet as pq
-
-    try:
-        if fmt in ("csv", "tsv"):
-            # Every column as text: an image name such as "0001" must not become the number 1.
-            with open(path, newline="") as f:
-                header = f.readline().rstrip("\r\n").split("\t" if fmt == "tsv" else ",")
-            convert = pcsv.ConvertOptions(column_types={name.strip('"'): pa.string() for name in header})
-            parse = pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
-            return pcsv.read_csv(path, parse_options=parse, convert_options=convert)
-        if fmt == "jsonl":
-            return pjson.read_json(path)
-        if fmt == "parquet":
-            return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"cannot read {path} as {fmt}: {err}") from err
-    raise ValueError(f"data.format {fmt!r} is not a table format; use csv, tsv, jsonl or parquet")
 
 
 class HFSource(MapSource):
@@ -205,23 +156,19 @@ class HFSource(MapSource):
         label_column: str | None = None,
         description: str = "dataset",
         need_text: bool = True,
+        need_label: bool = False,
     ) -> None:
-        import datasets
-
-        image_features = [n for n, f in dataset.features.items() if isinstance(f, datasets.Image)]
         self.columns = c = _columns(
             list(dataset.column_names),
             description,
             image=image_column,
             text=text_column,
             label=label_column,
-            image_candidates=(*image_features, "image"),
+            prefer_image=tuple(image_columns(dataset)),
             need_text=need_text,
+            need_label=need_label,
         )
-        if isinstance(dataset.features[c.image], datasets.Image):
-            # Decoding happens in our workers, where a broken image is skipped instead of raising here.
-            dataset = dataset.cast_column(c.image, datasets.Image(decode=False))
-        self.dataset = dataset.select_columns([n for n in (c.image, c.text, c.label) if n])
+        self.dataset = keep_encoded(dataset, c.image).select_columns([n for n in (c.image, c.text, c.label) if n])
         label_feature = dataset.features.get(c.label) if c.label else None
         self._label_names = getattr(label_feature, "names", None)
         self.description = description
@@ -232,12 +179,27 @@ class HFSource(MapSource):
     def __getitem__(self, index: int) -> Record:
         c = self.columns
         row = self.dataset[int(index)]
-        image = _image_value(row[c.image], None)
+        image = undecoded(row[c.image])
         label = row[c.label] if c.label else None
         if self._label_names is not None and isinstance(label, int):
             label = self._label_names[label]
         name = image if isinstance(image, str) else f"{self.description} row {index}"
         return Record(image, row[c.text] if c.text else None, name, label)
+
+
+def _webdataset_builder(shards: list[str]) -> Any:
+    """`datasets`' webdataset builder reading ``.cls`` as text: its own decoder calls int() inside the
+    iterator, where a bad label cannot be named; `StreamSource` parses it, naming shard and key."""
+    from datasets.packaged_modules.webdataset.webdataset import WebDataset
+
+    class _Shards(WebDataset):
+        DECODERS = {**WebDataset.DECODERS, "cls": _text, "cls2": _text}
+
+    return _Shards(data_files={"train": shards})
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8")
 
 
 class StreamSource:
@@ -252,24 +214,21 @@ class StreamSource:
         label_column: str | None = None,
         shuffle_buffer: int = 1000,
         need_text: bool = True,
+        need_label: bool = False,
     ) -> None:
-        import datasets
-
         self.shards = shards
         self.shuffle_buffer = shuffle_buffer
-        dataset = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", streaming=True)
+        dataset = _webdataset_builder(shards).as_streaming_dataset(split="train")
         self.columns = c = _columns(
-            list(dataset.features or {}),
+            [n for n in (dataset.features or {}) if not n.startswith("__")],
             f"tar shards {shards[0]}{' ...' if len(shards) > 1 else ''}",
             image=image_column,
             text=text_column,
             label=label_column,
-            image_candidates=WDS_IMAGE_KEYS,
             need_text=need_text,
+            need_label=need_label,
         )
-        if isinstance(dataset.features[c.image], datasets.Image):
-            dataset = dataset.cast_column(c.image, datasets.Image(decode=False))
-        self.dataset = dataset
+        self.dataset = keep_encoded(dataset, c.image)
         self.description = f"{len(shards)} tar shard(s) from {shards[0]}"
 
     def iterate(self, *, epoch: int, seed: int, rank: int, world_size: int, skip: int = 0) -> Iterator[Record]:
@@ -288,13 +247,27 @@ class StreamSource:
         c = self.columns
         for row in rows:
             name = f"{row['__url__']}:{row['__key__']}"
-            label = row[c.label] if c.label else None
-            yield Record(_image_value(row[c.image], None), row[c.text] if c.text else None, name, label)
+            label = _label(row[c.label], c.label, name) if c.label else None
+            yield Record(undecoded(row[c.image]), row[c.text] if c.text else None, name, label)
 
     def records(self, limit: int = 0) -> list[Record]:
         """The first `limit` records in shard order (0: all), for evaluation sets."""
         rows = self._records(iter(self.dataset))
         return list(islice(rows, limit) if limit else rows)
+
+
+def _label(value: Any, column: str, name: str) -> Any:
+    """A sample's label; a ``.cls`` must be an integer (webdataset's class index)."""
+    if column.lower() not in ("cls", "cls2") or value is None:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"tar sample {name} has .{column} {value!r}, not an integer; webdataset's .{column} holds the class "
+            "number (0, 1, ...): write the number, or put class names in a .txt or .json field and name it with "
+            "eval.label_column"
+        ) from None
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -321,19 +294,21 @@ def _expand_braces(spec: str) -> list[str]:
 
 
 def _detect_format(spec: str) -> str:
-    if ".tar" in spec:
+    if is_tar_spec(spec):
         return "webdataset"
-    suffix = Path(spec).suffix.lower()
-    if suffix in TABLE_FORMATS:
-        return TABLE_FORMATS[suffix]
-    path = Path(spec)
-    if path.is_dir() and any((path / m).is_file() for m in HF_DISK_MARKERS):
-        return "hf"
-    if path.is_dir() and any(next(path.rglob(m), None) for m in IMAGEFOLDER_MARKERS):
-        return "imagefolder"
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"cannot tell the format of {spec}; set data.format (csv, tsv, jsonl or parquet)")
-    return "hf"
+    kind = source_kind(spec)
+    if kind == "table":
+        return table_format(spec) or ""
+    if kind == "folder":
+        if any(next(Path(spec).rglob(m), None) for m in IMAGEFOLDER_MARKERS):
+            return "imagefolder"
+        raise ValueError(
+            f"{spec} is a folder of images without texts; training needs image-text pairs: {PAIRS_HELP}, or "
+            f"an imagefolder with a metadata.jsonl of file_name and text"
+        )
+    if kind == "image":
+        raise ValueError(f"{spec} is an image, not a source of image-text pairs; {PAIRS_HELP}")
+    return kind  # "hf", or "list": a list file's ``path<TAB>text`` lines are pairs too
 
 
 def open_source(
@@ -347,17 +322,25 @@ def open_source(
     split: str = "train",
     shuffle_buffer: int = 1000,
     need_text: bool = True,
+    need_label: bool = False,
 ) -> MapSource | StreamSource:
     """The source `spec` names (see the module docstring); columns are checked here, once."""
     if not spec:
-        raise ValueError("no data given: set data.train to a table, a Hugging Face dataset or tar shards")
+        raise ValueError(f"no data given: set data.train; {PAIRS_HELP}")
     fmt = _detect_format(spec) if format == "auto" else format
-    columns = dict(image_column=image_column, text_column=text_column, label_column=label_column, need_text=need_text)
-    if fmt in ("csv", "tsv", "jsonl", "parquet"):
+    columns = dict(
+        image_column=image_column,
+        text_column=text_column,
+        label_column=label_column,
+        need_text=need_text,
+        need_label=need_label,
+    )
+    if fmt in (*TABLE_FORMATS.values(), "list"):
         return TableSource(spec, format=fmt, image_root=image_root, **columns)
     if fmt == "webdataset":
         return StreamSource(expand_shards(spec), shuffle_buffer=shuffle_buffer, **columns)
-    return HFSource(_load_hf(spec, fmt, split), description=f"{spec} [{split}]", **columns)
+    builder = "imagefolder" if fmt == "imagefolder" else None
+    return HFSource(load_hf_dataset(spec, split, builder=builder), description=f"{spec} [{split}]", **columns)
 
 
 def open_pairs(data: DataConfig, *, held_out: bool = False) -> MapSource | StreamSource:
@@ -372,24 +355,3 @@ def open_pairs(data: DataConfig, *, held_out: bool = False) -> MapSource | Strea
         split=split,
         shuffle_buffer=data.shuffle_buffer,
     )
-
-
-def _load_hf(spec: str, fmt: str, split: str) -> Any:
-    import datasets
-
-    try:
-        if fmt == "imagefolder":
-            dataset = datasets.load_dataset("imagefolder", data_dir=spec, split=split)
-        elif Path(spec).is_dir() and any((Path(spec) / m).is_file() for m in HF_DISK_MARKERS):
-            dataset = datasets.load_from_disk(spec)
-        else:
-            dataset = datasets.load_dataset(spec, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError) as err:
-        raise ValueError(f"cannot load the Hugging Face dataset {spec!r} (split {split!r}): {err}") from err
-    if isinstance(dataset, datasets.DatasetDict):
-        if split not in dataset:
-            raise ValueError(f"{spec} has splits {list(dataset)}, not {split!r}; set data.split (or data.eval_split)")
-        dataset = dataset[split]
-    if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(f"{spec} loaded as {type(dataset).__name__}; vlm trains on a map-style datasets.Dataset")
-    return dataset

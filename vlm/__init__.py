@@ -5,10 +5,11 @@ weights interoperate with open_clip and Hugging Face transformers.
 """
 
 from .checkpoint import load, load_state_dict_file, save_pretrained
-from .config import PRESETS, CLIPConfig, TextConfig, VisionConfig, get_preset, list_presets
+from .config import CLIPConfig, TextConfig, VisionConfig
 from .convert import from_hf, from_open_clip, to_hf, to_open_clip
 from .images import ImageLoadError, load_image
 from .model import CLIP, CLIPOutput, create_model
+from .presets import PRESETS, get_preset, list_presets
 from .tokenizer import Tokenizer, get_tokenizer
 from .transforms import image_transform
 from .zeroshot import ZeroShotClassifier, build_classifier

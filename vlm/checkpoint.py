@@ -17,9 +17,10 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .config import PRESETS, CLIPConfig, get_preset
+from .config import CLIPConfig
 from .files import atomic_path, atomic_write_text, fsync_dir, fsync_tree
 from .model import CLIP, create_model
+from .presets import PRESETS, get_preset
 
 __all__ = ["save_pretrained", "load_pretrained", "load", "load_state_dict_file"]
 

@@ -1,4 +1,5 @@
-"""Zero-shot classification of image collections: files, folders, lists and Hugging Face datasets.
+"""Zero-shot classification of image collections (opened by `vlm.data.open_images`): top-k predictions
+and their formatting.
 
 Images are decoded in DataLoader workers and embedded in batches (`vlm.embed.embed_images`); an
 unreadable image is reported by name, counted and skipped, never the end of the run. Scoring against
@@ -13,140 +14,24 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from .data import Failure, find_images
+from .data import Failure, ImageCollection
+# Re-exported for demo/run.py and training/finetune*.py until they import vlm.data (the lead removes it).
 from .embed import embed_images
 from .model import CLIP
 from .zeroshot import ZeroShotClassifier
 
-__all__ = [
-    "OUTPUT_FORMATS",
-    "Classification",
-    "HFImageColumn",
-    "ImageCollection",
-    "Prediction",
-    "classify_images",
-    "format_predictions",
-    "image_files",
-    "HF_PREFIX",
-    "is_hf_spec",
-    "is_saved_hf_dataset",
-    "load_hf_dataset",
-]
+__all__ = ["OUTPUT_FORMATS", "Classification", "Prediction", "classify_images", "format_predictions"]
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("table", "jsonl", "csv")
-HF_PREFIX = "hf:"  # how the command line names a Hugging Face dataset: hf:NAME_OR_DIR
 # Rows scored at a time when turning embeddings into top-k labels: bounds the (rows, C) score matrix.
 _SCORE_ROWS = 4096
-
-
-@dataclass(frozen=True)
-class ImageCollection:
-    """Images to classify: `sources[i]` is anything `vlm.load_image` reads, `names[i]` how to report it."""
-
-    sources: Sequence[Any]
-    names: Sequence[str]
-
-    def __post_init__(self) -> None:
-        assert len(self.sources) == len(self.names), "one name per source"
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-
-def image_files(inputs: Sequence[str | os.PathLike]) -> ImageCollection:
-    """Image files named directly or found (recursively) in folders, in the order given.
-
-    A file named directly is kept whatever its extension (if it cannot be read, it is reported as a
-    failure like any broken image); folders contribute the files with image extensions.
-    """
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; give image files or folders of images")
-        found = find_images(path)
-        if path.is_dir() and not found:
-            logger.warning("no image files under %s", path)
-        paths.extend(found)
-    if not paths:
-        raise ValueError(
-            f"no image files found in {', '.join(map(str, inputs))}; give image files or folders of images"
-        )
-    return ImageCollection(paths, [str(p) for p in paths])
-
-
-class HFImageColumn(Sequence):
-    """The image column of a Hugging Face `datasets.Dataset` as a sequence of encoded images.
-
-    Images are not decoded by `datasets` (the column is cast to ``Image(decode=False)``): each item is
-    the file's bytes (or its path), which `vlm.load_image` decodes in the DataLoader worker, so a
-    corrupt image becomes a reported failure instead of an exception inside the dataset.
-    """
-
-    def __init__(self, dataset: Any, column: str = "image") -> None:
-        from datasets import Image
-
-        if column not in dataset.column_names:
-            raise ValueError(f"the dataset has no column {column!r}; its columns are {dataset.column_names}")
-        if isinstance(dataset.features[column], Image):
-            dataset = dataset.cast_column(column, Image(decode=False))
-        self.dataset = dataset.select_columns([column])
-        self.column = column
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
-        item = self.dataset[int(index)][self.column]
-        if isinstance(item, dict):
-            return item.get("bytes") or item.get("path")
-        return item
-
-    def collection(self, prefix: str = "dataset") -> ImageCollection:
-        """These images, named `prefix[i]` (the dataset's row index: stable, and cheap to list)."""
-        return ImageCollection(self, [f"{prefix}[{i}]" for i in range(len(self))])
-
-
-def is_saved_hf_dataset(path: str | os.PathLike) -> bool:
-    """Whether `path` is a directory written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
-    return (Path(path) / "dataset_dict.json").is_file() or (Path(path) / "state.json").is_file()
-
-
-def is_hf_spec(spec: str | os.PathLike) -> bool:
-    """Whether a command-line `spec` names a Hugging Face dataset: ``hf:NAME_OR_DIR``, or a directory
-    written by `save_to_disk`."""
-    text = str(spec)
-    return text.startswith(HF_PREFIX) or (Path(text).is_dir() and is_saved_hf_dataset(text))
-
-
-def load_hf_dataset(spec: str | os.PathLike, split: str | None = None) -> Any:
-    """A `datasets.Dataset` from a directory written by `save_to_disk` (a Dataset, or a DatasetDict with
-    `split`), or any name or path `datasets.load_dataset` takes (``imagefolder`` directories, hub names
-    when online)."""
-    import datasets
-
-    spec = str(spec).removeprefix(HF_PREFIX)
-    if is_saved_hf_dataset(spec):
-        data = datasets.load_from_disk(str(spec))
-    else:
-        data = datasets.load_dataset(str(spec), split=split)
-    if isinstance(data, datasets.DatasetDict):
-        if split is None:
-            if len(data) != 1:
-                raise ValueError(f"{spec} has splits {list(data)}; choose one with --split")
-            split = next(iter(data))
-        if split not in data:
-            raise ValueError(f"{spec} has no split {split!r}; its splits are {list(data)}")
-        data = data[split]
-    return data
 
 
 @dataclass(frozen=True)

@@ -72,15 +72,21 @@ def embed_images(
 
 
 @torch.inference_mode()
-def embed_texts(model: CLIP, texts: Sequence[str], *, batch_size: int = 256, normalize: bool = True) -> Tensor:
+def embed_texts(
+    model: CLIP, texts: Sequence[str], *, batch_size: int = 256, normalize: bool = True, progress: bool = False
+) -> Tensor:
     """(len(texts), E) float32 embeddings. Batches are formed from texts sorted by where they are pooled,
     so that on a causal tower each runs only as many positions as its longest text needs."""
+    from tqdm.auto import tqdm
+
     tokens = get_tokenizer(model)(list(texts))
     if not len(tokens):
         return torch.zeros(0, model.config.embed_dim)
     order = model.text.pool_positions(tokens).argsort()
     out = torch.empty(len(tokens), model.config.embed_dim)
-    for start in range(0, len(tokens), batch_size):
-        idx = order[start : start + batch_size]
-        out[idx] = model.encode_text(tokens[idx].to(_device(model)), normalize=normalize).float().cpu()
+    with tqdm(total=len(tokens), desc="texts", unit="text", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(tokens), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = model.encode_text(tokens[idx].to(_device(model)), normalize=normalize).float().cpu()
+            bar.update(len(idx))
     return out

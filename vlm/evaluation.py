@@ -1,8 +1,7 @@
 """Evaluating a zero-shot classifier on labelled images, beside a supervised linear probe.
 
-Data: a folder whose subfolders are the classes, a table of image paths and labels, or a Hugging Face
-dataset with an image column and a label column (`ClassLabel` names, or strings); `open_labelled`
-takes any of them by name. Metrics: top-1, top-5, mean per-class recall,
+Data: `vlm.data.LabelledImages` (`vlm.data.open_labelled` reads class folders, tables and Hugging Face
+datasets with the one label rule). Metrics: top-1, top-5, mean per-class recall,
 per-class accuracy and the confusion matrix (rows: true class, columns: predicted), written as JSON and
 PNG. The linear probe (`sklearn_linear_probe`: scikit-learn's logistic regression on the same frozen image
 features; the fine-tuner's torch head is `training.finetune.fit_linear_head`) is trained on a separate
@@ -16,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,15 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .classify import HFImageColumn, ImageCollection, classify_images
-from .data import Failure, find_images
+from .classify import classify_images
+from .data import Failure, LabelledImages
 from .files import atomic_write_text
 from .metrics import confusion_matrix, per_class_recall, topk_accuracy
 from .model import CLIP
 from .zeroshot import ZeroShotClassifier
 
 __all__ = [
-    "LabelledImages",
     "Metrics",
     "ProbeResult",
     "ZeroShotEvaluation",
@@ -41,10 +38,6 @@ __all__ = [
     "confusion_matrix",
     "cross_validated_probe",
     "evaluate_zeroshot",
-    "labelled_folder",
-    "labelled_hf_dataset",
-    "labelled_table",
-    "open_labelled",
     "linear_probe",
     "per_class_recall",
     "sklearn_linear_probe",
@@ -56,159 +49,6 @@ logger = logging.getLogger(__name__)
 # Inverse regularisation strengths the probe chooses from by cross-validation (features are standardised).
 PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
 PROBE_FOLDS = 5
-
-
-# ---- data ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LabelledImages:
-    """Images with integer labels into `class_names`."""
-
-    images: ImageCollection
-    labels: tuple[int, ...]
-    class_names: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        assert len(self.labels) == len(self.images), "one label per image"
-
-
-def labelled_folder(root: str | os.PathLike, *, class_names: Sequence[str] | None = None) -> LabelledImages:
-    """Images under `root/<class>/...` (any depth below the class folder). Classes are sorted by name,
-    or, with `class_names`, in that order (every name must have a folder, and every folder a name)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder; give a folder with one subfolder of images per class")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_names is not None:
-        found = {p.name: p for p in class_dirs}
-        if set(found) != set(class_names) or len(set(class_names)) != len(class_names):
-            raise ValueError(
-                f"{root} has class folders {sorted(found)}, but the classes are {list(class_names)}; "
-                "give a folder with one subfolder per class name, each name once"
-            )
-        class_dirs = [found[name] for name in class_names]
-    paths, labels = [], []
-    for label, folder in enumerate(class_dirs):
-        found_images = find_images(folder)
-        paths += found_images
-        labels += [label] * len(found_images)
-    if not paths:
-        raise ValueError(f"{root} has no class subfolders with images; lay it out as {root}/<class name>/<image>")
-    return LabelledImages(
-        ImageCollection(paths, [str(p) for p in paths]), tuple(labels), tuple(p.name for p in class_dirs)
-    )
-
-
-def labelled_hf_dataset(
-    dataset: Any, *, image_column: str = "image", label_column: str = "label", prefix: str = "dataset"
-) -> LabelledImages:
-    """A `datasets.Dataset` whose `label_column` is a `ClassLabel` (its names are the classes) or strings."""
-    from datasets import ClassLabel
-
-    if label_column not in dataset.column_names:
-        raise ValueError(f"the dataset has no column {label_column!r}; its columns are {dataset.column_names}")
-    feature = dataset.features[label_column]
-    values = dataset[label_column]
-    if isinstance(feature, ClassLabel):
-        class_names, labels = tuple(feature.names), tuple(int(v) for v in values)
-    elif all(isinstance(v, str) for v in values):
-        class_names = tuple(sorted(set(values)))
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = tuple(index[v] for v in values)
-    else:
-        raise ValueError(
-            f"column {label_column!r} holds neither ClassLabel ids nor strings, so the class names are unknown; "
-            "cast it with dataset.cast_column(column, datasets.ClassLabel(names=[...]))"
-        )
-    return LabelledImages(HFImageColumn(dataset, image_column).collection(prefix), labels, class_names)
-
-
-def labelled_table(
-    path: str | os.PathLike,
-    *,
-    image_column: str = "image",
-    label_column: str = "label",
-    class_names: Sequence[str] | None = None,
-) -> LabelledImages:
-    """A table (CSV, TSV, JSON Lines, JSON, Parquet) with an image-path column and a label column.
-
-    Relative image paths are taken from the table's folder. Labels that are all among `class_names`
-    are those classes. Otherwise labels that are all integers index `class_names` (when given; else each
-    class is named by its number), and other labels are class names, sorted unless `class_names` gives
-    their order. An empty label is an error naming its row."""
-    from .tables import read_table, resolve_image_path
-
-    path = Path(path)
-    rows = read_table(path)
-    if not rows:
-        raise ValueError(f"the table {path} has no rows")
-    for column in (image_column, label_column):
-        if column not in rows[0]:
-            raise ValueError(
-                f"the table {path} has no column {column!r} (columns: {', '.join(rows[0])}); "
-                "name the right ones with --image-column / --label-column"
-            )
-    labels, names = _table_labels(path, label_column, [row[label_column] for row in rows], class_names)
-    paths = [resolve_image_path(str(row[image_column]), path.parent) for row in rows]
-    return LabelledImages(ImageCollection(paths, paths), labels, names)
-
-
-def _table_labels(
-    path: Path, column: str, values: list[Any], class_names: Sequence[str] | None
-) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """The label ids and class names of a table's label column (see `labelled_table`)."""
-    texts = []
-    for row, value in enumerate(values, start=1):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # Parquet and JSON may hold 3 as 3.0
-        text = "" if value is None else str(value).strip()
-        if not text:
-            raise ValueError(f"{path}: row {row} has an empty {column!r}; give every image a label, or drop the row")
-        texts.append(text)
-    if class_names is not None and len(set(class_names)) != len(class_names):
-        raise ValueError(f"the class names {list(class_names)} repeat a name; give each class once")
-    if class_names is not None and set(texts) <= set(class_names):
-        index = {name: i for i, name in enumerate(class_names)}
-        return tuple(index[t] for t in texts), tuple(class_names)
-    if all(re.fullmatch(r"-?[0-9]+", t) for t in texts):
-        labels = tuple(int(t) for t in texts)
-        if min(labels) < 0:
-            raise ValueError(f"{path}: label {min(labels)} is negative; integer labels number the classes 0, 1, ...")
-        names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(max(labels) + 1))
-        if max(labels) >= len(names):
-            raise ValueError(
-                f"{path}: label {max(labels)} is outside the {len(names)} class names; give one name per label "
-                "0..max with --class-names"
-            )
-        return labels, names
-    names = tuple(class_names) if class_names is not None else tuple(sorted(set(texts)))
-    unknown = sorted(set(texts) - set(names))
-    if unknown:
-        raise ValueError(f"{path}: labels {unknown[:5]} are not among the class names {list(names)}")
-    index = {name: i for i, name in enumerate(names)}
-    return tuple(index[t] for t in texts), names
-
-
-def open_labelled(
-    spec: str | os.PathLike,
-    *,
-    split: str | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
-    class_names: Sequence[str] | None = None,
-) -> LabelledImages:
-    """Labelled images named the way the CLI takes them: ``hf:NAME_OR_DIR`` (or a `save_to_disk`
-    directory) for a Hugging Face dataset (its `split`), a table file, or a folder of class folders.
-    `class_names` orders a table's or a folder's classes (a dataset's `ClassLabel` names its own)."""
-    from .classify import is_hf_spec, load_hf_dataset
-    from .tables import is_table
-
-    text = str(spec)
-    if is_hf_spec(text):
-        dataset = load_hf_dataset(text, split)
-        return labelled_hf_dataset(dataset, image_column=image_column, label_column=label_column, prefix=split or "dataset")
-    if is_table(text):
-        return labelled_table(text, image_column=image_column, label_column=label_column, class_names=class_names)
-    return labelled_folder(text, class_names=class_names)
 
 
 # ---- metrics ------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from . import tokenizer as clip_tokenizer
+from .overflow import OVERFLOW_SETTING, check_overflow, count_truncated, overflow_error
 from .text_clean import get_clean_fn
 
 __all__ = ["CONFIG_FILES", "HFTokenizer", "VOCABULARY_FILES"]
@@ -135,9 +136,12 @@ class HFTokenizer:
     `strip_sep_token` (CLIPA) the sep ids become 0. A text longer than the row is handled by `overflow`:
 
     - "truncate" (open_clip's behaviour): the row keeps the text's first ids (its last ones where the
-      files say truncation_side "left") and its special ids. Never silent: each call that truncates logs
-      one warning with the count, and `num_truncated` keeps the running total.
+      files say truncation_side "left") and its special ids. Never silent: `num_truncated` keeps the
+      running total, and each call that truncates logs one warning with the count (unless
+      `warn_each_call` is False).
     - "error": raise ValueError naming the first text that does not fit.
+
+    Warnings and errors name the setting as `overflow_setting` spells it (see `vlm.overflow`).
 
     Construction reads the files through transformers (a fraction of a second, longer for 900k-token
     vocabularies). Calls do not go through transformers, except `decode` and, with SiglipTokenizer, a text
@@ -152,15 +156,18 @@ class HFTokenizer:
         clean: str = "whitespace",
         strip_sep_token: bool = False,
         overflow: str = "truncate",
+        overflow_setting: str = OVERFLOW_SETTING,
+        warn_each_call: bool = True,
         local_files_only: bool | None = None,
     ) -> None:
-        if overflow not in clip_tokenizer.OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {clip_tokenizer.OVERFLOW_POLICIES}, got {overflow!r}")
+        check_overflow(overflow)
         self._clean_fn = get_clean_fn(clean)
         self.context_length = clip_tokenizer._check_context_length(context_length)
         self.clean = clean
         self.strip_sep_token = strip_sep_token
         self.overflow = overflow
+        self.overflow_setting = overflow_setting
+        self.warn_each_call = warn_each_call
         self.num_truncated = 0
         directory, where = _tokenizer_directory(source, local_files_only)
         self.files = _tokenizer_files(directory, where)
@@ -286,19 +293,10 @@ class HFTokenizer:
             first = over[0]
             length = len(contents[first]) + context_length - room
             kept = "first" if self.truncation_side == "right" else "last"
-            raise ValueError(
-                f"text {first} ({clip_tokenizer._shorten(texts[first])}) is {length} tokens long with its special "
-                f"tokens, more than context_length={context_length} (overflow='error'); shorten it, or pass "
-                f"overflow='truncate' to keep its {kept} {room} tokens"
+            raise overflow_error(
+                self, first, texts[first], f"{length} tokens long with its special tokens", context_length, f"{kept} {room}"
             )
-        self.num_truncated += len(over)
-        logger.warning(
-            "%d of %d texts were longer than %d tokens and were truncated (overflow='truncate'); "
-            "pass overflow='error' to refuse them",
-            len(over),
-            len(texts),
-            context_length,
-        )
+        count_truncated(self, len(over), len(texts), context_length, logger)
 
 
 def _tokenizer_directory(source: str | os.PathLike, local_files_only: bool | None) -> tuple[Path, str]:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import CLIPConfig, get_preset
+from .config import CLIPConfig
+from .presets import get_preset
 from .text import TextTower
 from .vision import VisionTower
 

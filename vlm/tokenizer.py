@@ -59,6 +59,8 @@ import torch
 from tokenizers import models
 
 from .config import CLIP_TOKENIZER, CLIPConfig, TextConfig
+from .overflow import OVERFLOW_POLICIES, OVERFLOW_SETTING, check_overflow, count_truncated, overflow_error
+from .overflow import resolve_overflow
 from .text_clean import NEEDS_FULL_CLEAN, get_clean_fn
 
 if TYPE_CHECKING:
@@ -69,7 +71,6 @@ __all__ = ["DEFAULT_CONTEXT_LENGTH", "OVERFLOW_POLICIES", "Tokenizer", "get_toke
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_LENGTH = 77
-OVERFLOW_POLICIES = ("truncate", "error")
 PAD_TOKEN_ID = 0
 SOT_TOKEN = "<start_of_text>"
 EOT_TOKEN = "<end_of_text>"
@@ -85,7 +86,6 @@ _WORDS = regex.compile(
 _ASCII_WORDS = re.compile(rf"{SOT_TOKEN}|{EOT_TOKEN}|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
 # Entries per cache (chunks, words). About 150 bytes an entry: both full hold some 40 MB.
 _MAX_CACHED = 1 << 17
-_MAX_SHOWN_CHARS = 60
 # Stands between texts when a batch is joined into one string: a chunk of its own, never in a cleaned
 # text (the fast path does not take text with control characters, and ftfy deletes NUL).
 _TEXT_BREAK = "\x00"
@@ -266,10 +266,6 @@ def _as_batch(texts: str | Iterable[str]) -> list[str]:
     return batch
 
 
-def _shorten(text: str) -> str:
-    return repr(text if len(text) <= _MAX_SHOWN_CHARS else text[: _MAX_SHOWN_CHARS - 3] + "...")
-
-
 def _pack(encoded: _Ids, context_length: int, sot: int, eot: int) -> torch.Tensor:
     """(B, context_length) int64 rows [sot, ids..., eot, 0, ...]; a row keeps its first context_length - 2
     ids, so a truncated row ends in eot, as in open_clip."""
@@ -291,9 +287,11 @@ class Tokenizer:
     context_length - 2 of them) is handled by `overflow`:
 
     - "truncate" (open_clip's behaviour): the row keeps the text's first context_length - 2 ids and
-      ends in eot. Never silent: each call that truncates logs one warning with the count, and
-      `num_truncated` keeps the running total.
+      ends in eot. Never silent: `num_truncated` keeps the running total, and each call that truncates
+      logs one warning with the count (unless `warn_each_call` is False: the caller reports a total).
     - "error": raise ValueError naming the first text that does not fit.
+
+    Warnings and errors tell how to change the policy as `overflow_setting` spells it (see `vlm.overflow`).
 
     Reading the vocabulary and building the Rust BPE model takes a fraction of a second, once per
     process; constructing a `Tokenizer` after that is free.
@@ -301,11 +299,19 @@ class Tokenizer:
 
     pad_token_id: int = PAD_TOKEN_ID
 
-    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, overflow: str = "truncate") -> None:
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    def __init__(
+        self,
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        overflow: str = "truncate",
+        *,
+        overflow_setting: str = OVERFLOW_SETTING,
+        warn_each_call: bool = True,
+    ) -> None:
+        check_overflow(overflow)
         self.context_length = _check_context_length(context_length)
         self.overflow = overflow
+        self.overflow_setting = overflow_setting
+        self.warn_each_call = warn_each_call
         backend = _backend()
         self.vocab_size = len(backend.id_to_token)
         self.sot_token_id = backend.special_ids[SOT_TOKEN]
@@ -370,19 +376,9 @@ class Tokenizer:
         if self.overflow == "error":
             first = int(over[0])
             length = int(_encode([texts[first]]).lengths[0]) + 2  # `lengths` may stop short past the row
-            raise ValueError(
-                f"text {first} ({_shorten(texts[first])}) is {length} tokens long with its start and "
-                f"end tokens, more than context_length={context_length} (overflow='error'); shorten it, or pass "
-                f"overflow='truncate' to keep its first {context_length} tokens"
-            )
-        self.num_truncated += int(over.size)
-        logger.warning(
-            "%d of %d texts were longer than %d tokens and were truncated (overflow='truncate'); "
-            "pass overflow='error' to refuse them",
-            over.size,
-            len(texts),
-            context_length,
-        )
+            long = f"{length} tokens long with its start and end tokens"
+            raise overflow_error(self, first, texts[first], long, context_length, f"first {context_length}")
+        count_truncated(self, int(over.size), len(texts), context_length, logger)
 
 
 def _as_row(ids: Sequence[int] | torch.Tensor, vocab_size: int) -> list[int]:
@@ -415,24 +411,34 @@ def _text_config_of(source: Any) -> TextConfig:
     )
 
 
-def get_tokenizer(model_or_config: Any = None, *, overflow: str = "truncate") -> "Tokenizer | HFTokenizer":
+def get_tokenizer(
+    model_or_config: Any = None,
+    *,
+    overflow: str | None = None,
+    overflow_setting: str | None = None,
+    warn_each_call: bool = True,
+) -> "Tokenizer | HFTokenizer":
     """The tokenizer a model was trained with, from a model, a config or a context length (None: CLIP's 77).
 
     CLIP's byte-pair `Tokenizer` for `TextConfig.tokenizer == "clip"`; otherwise an `HFTokenizer` over the
-    model's Hugging Face tokenizer files with the config's cleaning, padding to `context_length` and
-    `overflow` policy. The files are looked for where the model was loaded from (`model.tokenizer_path`, set
-    by `vlm.load` when that directory holds them), then at `TextConfig.tokenizer` (a directory, or a repo id
-    in the Hugging Face cache; downloaded when online). ValueError when the tokenizer disagrees with the
+    model's Hugging Face tokenizer files with the config's cleaning, padding to `context_length`. Both take
+    the `overflow` policy, how the caller spells it (`overflow_setting`) and `warn_each_call` (see `Tokenizer`);
+    without `overflow`, the policy of the enclosing `vlm.overflow.overflow_policy` block, else "truncate". The
+    files are looked for where the model was loaded from (`model.tokenizer_path`, set by `vlm.load` when that
+    directory holds them), then at `TextConfig.tokenizer` (a directory, or a repo id in the Hugging Face
+    cache; downloaded when online). ValueError when the tokenizer disagrees with the
     text tower about the end-of-text id it pools at.
     """
     text = _text_config_of(model_or_config)
+    overflow, overflow_setting = resolve_overflow(overflow, overflow_setting)
+    policy = dict(overflow=overflow, overflow_setting=overflow_setting, warn_each_call=warn_each_call)
     if text.tokenizer == CLIP_TOKENIZER:
-        return Tokenizer(text.context_length, overflow=overflow)
+        return Tokenizer(text.context_length, **policy)
     from .hf_tokenizer import HFTokenizer
 
     source = getattr(model_or_config, "tokenizer_path", None) or text.tokenizer
     tokenizer = HFTokenizer(
-        source, text.context_length, clean=text.tokenizer_clean, strip_sep_token=text.strip_sep_token, overflow=overflow
+        source, text.context_length, clean=text.tokenizer_clean, strip_sep_token=text.strip_sep_token, **policy
     )
     if text.pool == "eot" and text.eot_id != tokenizer.eot_token_id:
         raise ValueError(

@@ -6,9 +6,10 @@ L2-normalised text embeddings, normalised again: the matrix open_clip's `build_z
 returns for the same weights, transposed. open_clip's is (E, C), a column per class; here
 `weights` is (C, E), a row per class, so that `image_embeds @ weights.T` gives (B, C) scores.
 
-Building embeds each distinct prompt once (classes that share a prompt share its embedding), in batches
-of prompts of one token length, each batch running only the positions it needs (the text tower's
-short-sequence path), where open_clip runs every prompt at the full context length.
+Building embeds each distinct prompt once (classes that share a prompt share its embedding), in full
+batches of prompts sorted by token length, each batch running only the positions its longest prompt
+needs (the text tower's short-sequence path), where open_clip runs every prompt at the full context
+length.
 `bench/bench_zeroshot.py` measures it against open_clip's builder.
 
 A classifier saves as a directory (`classifier.safetensors` + `classifier.json`, with the classes, their
@@ -311,7 +312,10 @@ def build_classifier(
     logger.info(
         "zero-shot classifier: %d classes, %d prompts (%d distinct)", len(classes), sum(map(len, prompts)), len(unique)
     )
-    embeds = _embed_prompts(model, unique, batch_size, progress)  # (U, E), normalised
+    # One pass over all prompts, in batches of similar token length (`embed_texts`), not one batch per
+    # exact length: those many small batches are many short parallel regions, and on a busy machine each
+    # waits for its descheduled OpenMP thread (3-4x slower at torch's two threads on two shared cores).
+    embeds = embed_texts(model, unique, batch_size=batch_size, normalize=True, progress=progress)  # (U, E)
     weights = F.normalize(_class_means(prompts, unique, len(classes)) @ embeds, dim=-1)  # (C, E)
     return ZeroShotClassifier(
         weights=weights,
@@ -322,27 +326,6 @@ def build_classifier(
         model_fingerprint=model.fingerprint(),
         tokenizer_fingerprint=get_tokenizer(model).fingerprint(),
     )
-
-
-def _embed_prompts(model: CLIP, texts: list[str], batch_size: int, progress: bool) -> Tensor:
-    """(len(texts), E) normalised embeddings, run in batches of prompts of one token length each: the
-    text tower runs only the positions a batch needs, so no batch pays for another prompt's padding."""
-    from tqdm.auto import tqdm
-
-    out = torch.empty(len(texts), model.config.embed_dim)
-    with tqdm(total=len(texts), desc="prompts", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in _length_batches(get_tokenizer(model).lengths(texts), batch_size):
-            out[batch] = embed_texts(model, [texts[i] for i in batch], batch_size=batch_size, normalize=True)
-            bar.update(len(batch))
-    return out
-
-
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by length, each group cut into batches of at most `batch_size`."""
-    groups: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(i)
-    return [g[s : s + batch_size] for _, g in sorted(groups.items()) for s in range(0, len(g), batch_size)]
 
 
 def _class_means(prompts: Sequence[Sequence[str]], unique: list[str], num_classes: int) -> Tensor:

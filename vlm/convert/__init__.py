@@ -2,7 +2,8 @@
 
 Every foreign key name lives in this package: `tables` holds the machinery (one table of rows (vlm keys,
 foreign key, how) serves both directions, so round trips are exact), `open_clip_format` open_clip's
-layouts (its own ViT or a timm trunk; the text tower flat or under ``text.``), `hf_format` transformers'
+layouts (its own ViT or a timm trunk; the text tower flat or under ``text.``), `open_clip_config` open_clip's
+architectures (an open_clip module's config, and the open_clip module of a config), `hf_format` transformers'
 CLIPModel, SiglipModel, Siglip2Model and MetaClip2Model.
 """
 
@@ -16,14 +17,8 @@ from .hf_format import (
     to_hf,
     vlm_state_dict_to_hf,
 )
-from .open_clip_format import (
-    config_from_open_clip,
-    from_open_clip,
-    open_clip_model_config,
-    open_clip_state_dict_to_vlm,
-    to_open_clip,
-    vlm_state_dict_to_open_clip,
-)
+from .open_clip_config import config_from_open_clip, open_clip_model_config
+from .open_clip_format import from_open_clip, open_clip_state_dict_to_vlm, to_open_clip, vlm_state_dict_to_open_clip
 from .tables import detect_state_dict_format, load_into, model_from_state
 
 __all__ = [

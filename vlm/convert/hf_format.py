@@ -302,7 +302,7 @@ def _load_hf(name: str | Path, local_files_only: bool | None) -> tuple[Any, dict
             f"could not load a transformers model from {str(name)!r} ({err}); give a directory written by "
             "save_pretrained, or a Hugging Face repo id while online"
         ) from err
-    except pickle.UnpicklingError as err:  # transformers loads .bin weights with torch.load(weights_only=True)
+    except pickle.UnpicklingError:  # transformers loads .bin weights with torch.load(weights_only=True)
         raise ValueError(
             f"{name} holds pickled weights that are not a plain state dict (refused unread: loading them "
             "could run code); get the model's safetensors weights, or re-save it from a trusted copy with "

@@ -6,18 +6,21 @@ A ``.json`` file holds a list of names or a mapping ``{"name": ["alias", ...]}``
 ``{"name": {"prompts": ["a full prompt", ...]}}`` (prompts used as written, without templates).
 Templates (`--templates`): ``imagenet80`` (OpenAI's 80 ImageNet prompts), ``simple`` (7 of them), or a
 file with one format string a line using ``{}`` or ``{c}`` for the class name.
-Images: files, folders (searched recursively), ``--list FILE`` (one path a line), or a Hugging Face
-dataset: ``hf:DIR_OR_NAME`` (a `save_to_disk` directory, or anything `datasets.load_dataset` takes).
+Images: files, folders (searched recursively), ``--list FILE`` (one path a line, relative to the list's
+folder), a table (.csv/.tsv/.jsonl/.json/.parquet, image paths relative to the table's folder), or a
+Hugging Face dataset: ``hf:DIR_OR_NAME`` (a `save_to_disk` directory, or anything `datasets.load_dataset`
+takes). Columns not named with --image-column/--label-column are found by their usual names.
+Labels of a table or dataset (`vlm eval zeroshot`) follow `vlm.data.labels`' rule.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-from .cli import add_model_argument, load_model_from_args
+from .args import add_model_argument, add_source_arguments, add_text_overflow_argument, load_model_from_args
+from .args import text_overflow_from_args
 
 __all__ = ["classify_main", "eval_zeroshot_main", "explain_main"]
 
@@ -30,6 +33,7 @@ def _add_classifier_arguments(parser: argparse.ArgumentParser, *, required: bool
         "--templates", default="imagenet80", help="imagenet80 (default), simple, or a FILE of templates"
     )
     parser.add_argument("--save-classifier", metavar="DIR", help="also save the classifier built here to DIR")
+    add_text_overflow_argument(parser)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,12 +41,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--split", default=None, help="split of a Hugging Face dataset (hf:...)")
-    parser.add_argument("--image-column", default="image", help="image column of a table or a Hugging Face dataset")
 
 
 def _classifier_from_args(args: argparse.Namespace, model: Any, default_classes: Any = None) -> Any:
-    from .zeroshot import ZeroShotClassifier, build_classifier, parse_labels, read_labels_file
+    from vlm.zeroshot import ZeroShotClassifier, build_classifier, parse_labels, read_labels_file
 
     if args.classifier:
         return ZeroShotClassifier.load(args.classifier, model)
@@ -52,27 +54,23 @@ def _classifier_from_args(args: argparse.Namespace, model: Any, default_classes:
         classes = read_labels_file(args.labels_file)
     else:
         classes = default_classes
-    classifier = build_classifier(model, classes, args.templates, progress=not args.no_progress)
+    with text_overflow_from_args(args):
+        classifier = build_classifier(model, classes, args.templates, progress=not args.no_progress)
     if args.save_classifier:
         print(f"classifier saved to {classifier.save(args.save_classifier)}", file=sys.stderr)
     return classifier
 
 
 def _collection(args: argparse.Namespace) -> Any:
-    from .classify import HFImageColumn, image_files, is_hf_spec, load_hf_dataset
+    from vlm.data import open_images
 
-    inputs = list(args.images)
-    if args.list:
-        lines = Path(args.list).read_text(encoding="utf-8").splitlines()
-        inputs += [line.strip() for line in lines if line.strip()]
-    hf = [spec for spec in inputs if is_hf_spec(spec)]
-    if hf and len(inputs) > 1:
-        raise ValueError(f"give a Hugging Face dataset ({hf[0]}) alone, not together with other images")
-    if hf:
-        return HFImageColumn(load_hf_dataset(hf[0], args.split), args.image_column).collection(args.split or "dataset")
+    inputs = [*args.images, *([args.list] if args.list else [])]
     if not inputs:
-        raise ValueError("no images given; name image files or folders, or --list FILE")
-    return image_files(inputs)
+        raise ValueError("no images given; name image files, folders, a table or hf:DATASET, or --list FILE")
+    images = open_images(inputs, split=args.split, image_column=args.image_column)
+    if not len(images):
+        raise ValueError(f"no image files found in {', '.join(inputs)}; give image files or folders of images")
+    return images
 
 
 def _report_failures(failures: list, total: int) -> None:
@@ -96,7 +94,7 @@ def classify_main(argv: list[str]) -> int:
 
     Returns 0; ValueError when no image could be read.
     """
-    from .classify import OUTPUT_FORMATS
+    from vlm.classify import OUTPUT_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="vlm classify",
@@ -104,14 +102,15 @@ def classify_main(argv: list[str]) -> int:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("images", nargs="*", help="image files, folders, or hf:DATASET")
-    parser.add_argument("--list", help="a file with one image path a line")
+    parser.add_argument("images", nargs="*", help="image files, folders, a table, a list file, or hf:DATASET")
+    parser.add_argument("--list", help="a file with one image path a line (relative paths: from its folder)")
     _add_classifier_arguments(parser, required=True)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
     _add_run_arguments(parser)
+    add_source_arguments(parser)
     args = parser.parse_args(argv)
-    from .classify import classify_images, format_predictions
+    from vlm.classify import classify_images, format_predictions
 
     images = _collection(args)
     model = load_model_from_args(args)
@@ -150,7 +149,6 @@ def eval_zeroshot_main(argv: list[str]) -> int:
     parser.add_argument("data", help="a folder of class subfolders, a table (.csv/.tsv/.jsonl/.json/.parquet), or hf:DATASET")
     _add_classifier_arguments(parser, required=False)
     parser.add_argument("--out", default="runs/eval-zeroshot", help="folder for results.json and the confusion PNGs")
-    parser.add_argument("--label-column", default="label", help="label column of a table or a Hugging Face dataset")
     parser.add_argument("--train", help="training data for the linear probe (else it is cross-validated on DATA)")
     parser.add_argument("--train-split", default=None, help="split of --train when it is a Hugging Face dataset")
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
@@ -158,8 +156,9 @@ def eval_zeroshot_main(argv: list[str]) -> int:
         "--probe-c", type=float, default=None, help="the probe's C (default: chosen by cross-validation)"
     )
     _add_run_arguments(parser)
+    add_source_arguments(parser, label=True)
     args = parser.parse_args(argv)
-    from .evaluation import evaluate_zeroshot
+    from vlm.evaluation import evaluate_zeroshot
 
     model = load_model_from_args(args)
     classifier = None
@@ -191,8 +190,7 @@ def eval_zeroshot_main(argv: list[str]) -> int:
 
 
 def _labelled(spec: str, split: str | None, args: argparse.Namespace, table_classes: list[str] | None = None) -> Any:
-    from .evaluation import open_labelled
-    from .tables import is_table
+    from vlm.data import is_table, open_labelled
 
     # Only a table takes the classifier's names: a folder or dataset names its own classes, which may
     # be a subset of the classifier's.
@@ -213,7 +211,7 @@ def explain_main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="the PNG to write")
     add_model_argument(parser)
     args = parser.parse_args(argv)
-    from .explain import explain_image
+    from vlm.explain import explain_image
 
     model = load_model_from_args(args)
     maps = explain_image(model, args.image, args.text, args.out)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .images import ImageLoadError, load_image
+from ..images import ImageLoadError, load_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",

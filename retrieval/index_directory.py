@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .fsutil import atomic_write_text, file_digest, fsync_dir
+from vlm.files import atomic_write_text, fsync_dir
+
 from .metadata import METADATA_FILE
 
 __all__ = ["Manifest", "IndexDirectory", "IndexCorruptError", "MANIFEST_FILE", "FORMAT_VERSION"]
@@ -160,7 +161,7 @@ class IndexDirectory:
                 raise IndexCorruptError(
                     f"{path} has {size} bytes but the manifest records {record['size']} (truncated or replaced); {fix}"
                 )
-            if (full or size <= HASH_LIMIT) and record.get("sha256") and file_digest(path) != record["sha256"]:
+            if (full or size <= HASH_LIMIT) and record.get("sha256") and _file_digest(path) != record["sha256"]:
                 raise IndexCorruptError(f"{path} does not match its recorded sha256 (corrupted); {fix}")
         if full and METADATA_FILE in manifest.files:
             _check_sqlite(directory / METADATA_FILE, fix)
@@ -195,7 +196,7 @@ class IndexDirectory:
         """Records the new version's files in `manifest` and makes it current atomically."""
         directory = self.version_path(manifest)
         manifest.files = {
-            p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
+            p.name: {"size": p.stat().st_size, "sha256": _file_digest(p)}
             for p in sorted(directory.iterdir())
             if p.is_file()
         }
@@ -219,6 +220,15 @@ class IndexDirectory:
 
 def _dumps(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's content, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fields_digest(fields: dict) -> str:
