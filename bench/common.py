@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 
 
-def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """The best of `repeats` wall-clock timings of `fn()` in seconds, after `warmup` untimed calls."""
+def timings(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """`repeats` wall-clock timings of `fn()` in seconds, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -18,18 +18,17 @@ def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """The best of `repeats` timings of `fn()` in seconds (see `timings`)."""
+    return min(timings(fn, repeats, warmup))
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """The median of `repeats` timings of `fn()` in seconds (see `timings`)."""
+    return statistics.median(timings(fn, repeats, warmup))
 
 
 def interleaved_best_times(fns: dict[str, Callable[[], object]], rounds: int = 3, warmup: int = 1) -> dict[str, float]:

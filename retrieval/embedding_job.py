@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vlm.data import Failure, FailureLog, iter_image_batches
-from vlm.distributed import dist_info  # re-exported: build.py takes it from here
+from vlm.distributed import dist_info, launched_without_device  # dist_info re-exported: build.py takes it from here
 from vlm.embed import embed_texts
 from vlm.files import atomic_path, atomic_write_text
 from vlm.model import CLIP
@@ -301,7 +301,7 @@ def barrier() -> None:
     if dist_info()[1] > 1:
         from accelerate import PartialState
 
-        PartialState().wait_for_everyone()
+        PartialState(cpu=launched_without_device()).wait_for_everyone()
 
 
 def _shard(chunk: int, pos: list[np.ndarray], xb: list[np.ndarray], failures: list[Failure], dim: int) -> Shard:

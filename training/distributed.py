@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vlm.distributed import dist_info
+from vlm.distributed import dist_info, launched_without_device
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -63,13 +63,6 @@ def resolve_mixed_precision(requested: str) -> str:
     return requested
 
 
-def _launched_without_device() -> bool:
-    """Several processes were launched and none has a device with a collective backend (MPS has none)."""
-    if world_size() < 2:
-        return False
-    return not (torch.accelerator.is_available() and torch.accelerator.current_accelerator().type != "mps")
-
-
 def make_accelerator(mixed_precision: str) -> "Accelerator":
     """The `accelerate.Accelerator` of a training job with `mixed_precision` ("auto": bf16 or fp16 on a GPU,
     none on CPU); ValueError for fp16 without a GPU. Imports accelerate when called.
@@ -82,7 +75,7 @@ def make_accelerator(mixed_precision: str) -> "Accelerator":
 
     return Accelerator(
         mixed_precision=resolve_mixed_precision(mixed_precision),
-        cpu=_launched_without_device(),
+        cpu=launched_without_device(),
         # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
         step_scheduler_with_optimizer=False,
     )
