@@ -3,8 +3,8 @@
 scikit-learn's handwritten digits (1,797 real 8x8 scans) become PNG files in class subfolders and
 CSV tables of image paths and captions, with a fixed, stratified 20% held-out split.
 
-The demo, the tests and the benchmarks share it. It imports numpy alone at load (scikit-learn and Pillow when
-called) and nothing of training or retrieval, so the core's tests can use it.
+The demo, the tests and the benchmarks share it. It imports numpy alone at load (scikit-learn, Pillow and vlm's digit
+renderer when called) and nothing of training or retrieval, so the core's tests can use it.
 """
 
 from __future__ import annotations
@@ -71,15 +71,6 @@ class DigitsData:
     class_names: tuple[str, ...] = DIGIT_NAMES
 
 
-def _render(pixels: np.ndarray, size: int) -> np.ndarray:
-    """An 8x8 array of ink levels 0..16 -> a size x size RGB uint8 image, dark ink on white."""
-    from PIL import Image
-
-    gray = (255 - pixels.astype(np.float32) * (255 / 16)).clip(0, 255).astype(np.uint8)
-    image = Image.fromarray(gray, mode="L").resize((size, size), Image.BILINEAR)
-    return np.asarray(image.convert("RGB"))
-
-
 def write_digits(root: str | Path, *, image_size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> DigitsData:
     """Writes the digits under `root` (idempotent) and returns both splits.
 
@@ -89,6 +80,8 @@ def write_digits(root: str | Path, *, image_size: int = 32, test_fraction: float
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
+    from vlm.data.digits import render_digit
 
     root = Path(root)
     digits = load_digits()
@@ -104,7 +97,7 @@ def write_digits(root: str | Path, *, image_size: int = 32, test_fraction: float
             path = root / split / DIGIT_NAMES[label] / f"{i:04d}.png"
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(_render(digits.images[i], image_size)).save(path)
+                Image.fromarray(render_digit(digits.images[i], image_size)).save(path)
             paths.append(path)
             labels.append(label)
             captions.append(digit_caption(label, TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)]))

@@ -9,6 +9,7 @@ Running a finished build again does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -138,7 +139,7 @@ def build_index(
     finished = _finished_build(store_dir, digest, overwrite, directory)
     if finished is not None:
         return finished
-    job = embed_on_every_process(store_dir, digest, model, collection, options)
+    job = embed_on_every_process(store_dir, digest, model, collection, options, require_items=True)
     if job is None:
         return UpdateReport(store_dir.path, "worker", 0, 0)
     with store_dir.writer():
@@ -248,15 +249,49 @@ def _replaced_manifest(store_dir: IndexDirectory, overwrite: bool) -> Manifest |
 
 
 def embed_on_every_process(
-    store_dir: IndexDirectory, digest: str, model: CLIP, collection: Collection, options: BuildOptions
+    store_dir: IndexDirectory,
+    digest: str,
+    model: CLIP,
+    collection: Collection,
+    options: BuildOptions,
+    *,
+    require_items: bool = False,
 ) -> EmbeddingJob | None:
     """Runs this process's share of the embedding job and waits for the others; the finished job on the
-    first process (which goes on to write the index), None on the others."""
+    first process (which goes on to write the index), None on the others. With `require_items`, a job
+    where every item failed is a ValueError on every process (see `_require_embedded`)."""
     rank, world = dist_info()
     job = EmbeddingJob(store_dir.jobs_path() / digest, model, collection, options.embed, rank=rank, world_size=world)
     job.run()
     barrier()
+    if require_items:
+        _require_embedded(store_dir, job, rank)
     return job if rank == 0 else None
+
+
+def _require_embedded(store_dir: IndexDirectory, job: EmbeddingJob, rank: int) -> None:
+    """ValueError naming the first unreadable items when not one item of the finished `job` could be
+    embedded: an index of nothing would answer every query with nothing. Every process reads the shards
+    and so raises alike; the first deletes the job afterwards (a rerun must read the files again, not
+    resume the failures)."""
+    embedded, failed = job.counts()
+    if embedded or not failed:
+        return
+    first: list[Failure] = []
+    for chunk in range(job.num_chunks):
+        first.extend(job.read_shard(chunk).failures[: 5 - len(first)])
+        if len(first) == 5:
+            break
+    barrier()  # every process has read the shards before they go
+    if rank == 0:
+        remove_job(job.directory)
+        with contextlib.suppress(OSError):
+            store_dir.jobs_path().rmdir()  # only when no other job is in it
+    raise ValueError(
+        f"none of the {failed} items could be read, so there is nothing to index and no index was written; "
+        f"the first: {_named(first, failed)}. Check the source's paths (a table's relative paths resolve against "
+        "the table's own folder) and --image-column"
+    )
 
 
 def _write_shards(vdir: Path, job: EmbeddingJob, failures: list[Failure], dim: int) -> VectorStore:
@@ -357,14 +392,15 @@ def remove_job(path: Path) -> None:
 def log_failures(failures: list[Failure], total: int) -> None:
     """Warns about the items that could not be read (the first five by name) among `total`."""
     if failures:
-        shown = ", ".join(f"{f.source} ({f.reason})" for f in failures[:5])
         logger.warning(
-            "%d of %d items could not be read and were not indexed: %s%s",
-            len(failures),
-            total,
-            shown,
-            " ..." if len(failures) > 5 else "",
+            "%d of %d items could not be read and were not indexed: %s", len(failures), total, _named(failures)
         )
+
+
+def _named(failures: list[Failure], total: int | None = None) -> str:
+    """The first five failures as "path (reason), ...", with " ..." when there are more (of `total`)."""
+    more = (total if total is not None else len(failures)) > 5
+    return ", ".join(f"{f.source} ({f.reason})" for f in failures[:5]) + (" ..." if more else "")
 
 
 def _knobs(params: dict) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 # Tests must never reach a model hub; loading code is exercised on local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,8 +26,10 @@ def _torch_threads() -> int:
 torch.set_num_threads(_torch_threads())
 logging.getLogger("root").setLevel(logging.ERROR)
 
-# Zero-shot prompts for the digits that no training caption uses (`test_train_digits` checks it).
-DIGIT_PROMPTS = ("a photo of the number {}.", "an image of a handwritten {}.", "a drawing of the digit {}.")
+# The quick digits run `digits_run` trains, and its zero-shot prompts, which no training caption uses
+# (`test_train_digits` checks it).
+DIGITS_TINY = Path(__file__).resolve().parents[1] / "training" / "configs" / "digits_tiny.yaml"
+DIGIT_PROMPTS = tuple(yaml.safe_load(DIGITS_TINY.read_text())["eval"]["templates"])
 
 
 @pytest.fixture(autouse=True)
@@ -67,29 +70,13 @@ def _train_digits(folder: Path) -> dict:
     """`digits_run`'s data and training run in `folder`, as JSON."""
     import dataclasses
 
-    from demo.sample_data import DIGIT_NAMES, write_digits
+    from demo.sample_data import write_digits
     from training.config import load_config
     from training.loop import train
 
     data = write_digits(folder / "digits")
-    overrides = {
-        "output_dir": folder / "run",
-        "data.train": data.train.table,
-        "eval.zeroshot": data.test.table,
-        "eval.templates": list(DIGIT_PROMPTS),
-        "eval.classnames": list(DIGIT_NAMES),
-        "data.batch_size": 128,
-        "data.num_workers": 0,
-        "model.name": "tiny",
-        "optim.lr": 2e-3,
-        "optim.weight_decay": 0.1,
-        "schedule.steps": 100,
-        "schedule.warmup_steps": 10,
-        "checkpoint.every": 0,
-        "logging.progress": "false",
-        "logging.plot": "false",
-    }
-    config = load_config(None, [f"{key}={value}" for key, value in overrides.items()])
+    overrides = {"output_dir": folder / "run", "data.train": data.train.table, "eval.zeroshot": data.test.table}
+    config = load_config(DIGITS_TINY, [f"{key}={value}" for key, value in overrides.items()])
     # One thread: the tiny model gains little from two, and two OpenMP threads on a busy 2-core
     # machine made each step 5-10x slower.
     threads = torch.get_num_threads()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import vlm
-from vlm.files import atomic_path, atomic_write_text, fsync_tree
+from vlm.files import atomic_directory, atomic_path, atomic_write_text, fsync_tree
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced files through /proc")
 
@@ -89,6 +89,36 @@ def test_fsync_tree_flushes_every_file_before_its_folder(tmp_path, disk_log):
     flushed = [os.path.relpath(e[1], os.path.realpath(tmp_path)) for e in disk_log]
     assert sorted(flushed) == sorted(["ckpt", "ckpt/a.bin", "ckpt/sub", "ckpt/sub/b.bin"])
     assert flushed.index("ckpt/sub/b.bin") < flushed.index("ckpt/sub") < flushed.index("ckpt")
+
+
+def test_atomic_directory_replaces_the_old_one_whole_and_durably(tmp_path, disk_log):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.onnx").write_text("old")
+    with atomic_directory(out) as tmp:
+        assert tmp.parent == tmp_path and tmp != out
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.json").write_text("new")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["sub", "sub/a.json"]
+    assert os.listdir(tmp_path) == ["export"]  # neither the temporary nor the old directory is left
+    assert_durable(disk_log, out)
+    assert any(e[0] == "fsync" and e[1].endswith("/sub/a.json") for e in disk_log)  # the files, under their temporary name
+
+
+def test_a_failed_atomic_directory_keeps_the_old_one_and_leaves_nothing(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.onnx").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            (tmp / "model.onnx").write_text("half")
+            raise RuntimeError("export failed")
+    assert (out / "model.onnx").read_text() == "old"
+    assert os.listdir(tmp_path) == ["export"]
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "new"):
+            raise RuntimeError("export failed")
+    assert os.listdir(tmp_path) == ["export"]
 
 
 def test_retrieval_uses_the_core_helper():

@@ -459,3 +459,54 @@ def test_sigterm_stops_the_server_in_bounded_time_with_a_request_in_flight(tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def onnx_exports(served, tmp_path_factory):
+    """An ONNX export of the model that built `served`'s index, and one of another model."""
+    _, index, _, _ = served
+    folder = tmp_path_factory.mktemp("onnx")
+    vlm.export_onnx(index.model, folder / "same")
+    torch.manual_seed(1)
+    vlm.export_onnx(vlm.create_model("tiny").eval(), folder / "other")
+    return folder / "same", folder / "other"
+
+
+@pytest.mark.slow
+def test_onnx_queries_find_what_the_torch_model_finds(served, onnx_exports):
+    client, _, root, images = served
+    # Opened without a model, and the manifest records none: loading the torch model would raise.
+    index = SearchIndex.open(root / "index")
+    config = ServiceConfig(max_k=50, roots=(str(images),))
+    onnx_client = TestClient(create_app(index, config, onnx=onnx_exports[0]), base_url="http://localhost")
+    for text in ("a red square", "green", "a blue square number 7"):
+        params = {"text": text, "k": 12}
+        expected, got = client.get("/search", params=params).json(), onnx_client.get("/search", params=params).json()
+        _assert_same_ranking(got["results"], expected["results"])
+    upload = {"files": {"image": ("q.png", _png(colour=(30, 200, 40)), "image/png")}, "data": {"k": "12"}}
+    _assert_same_ranking(onnx_client.post("/search", **upload).json()["results"], client.post("/search", **upload).json()["results"])
+    assert index._model is None
+
+
+@pytest.mark.slow
+def test_an_export_of_another_model_is_refused(served, onnx_exports, capsys):
+    from vlm.cli import main
+
+    _, index, root, _ = served
+    other = vlm.onnx.OnnxCLIP(onnx_exports[1]).fingerprint
+    with pytest.raises(ValueError, match=f"fingerprint {other}, but .*fingerprint {index.fingerprint}"):
+        create_app(SearchIndex.open(root / "index"), onnx=onnx_exports[1])
+    assert main(["serve", str(root / "index"), "--onnx", str(onnx_exports[1])]) == 1
+    assert f"fingerprint {other}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", str(root / "index"), "--onnx", str(onnx_exports[0]), "--model", "tiny"])
+
+
+def _assert_same_ranking(got: list[dict], expected: list[dict]) -> None:
+    """Same scores, and the same ids in the same order where the scores are not tied: the squares of one colour
+    are the same picture at 32 pixels, so their embeddings, and the order FAISS returns them in, may tie."""
+    scores = np.array([r["score"] for r in expected])
+    np.testing.assert_allclose([r["score"] for r in got], scores, atol=1e-4)
+    starts = np.flatnonzero(np.diff(scores, prepend=np.inf) < -1e-4)  # where a run of tied scores begins
+    for start, end in zip(starts, [*starts[1:], len(scores)]):
+        assert {r["id"] for r in got[start:end]} == {r["id"] for r in expected[start:end]}

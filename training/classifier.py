@@ -176,7 +176,12 @@ def load_images(
             chunks.append(batch.images)
             indices.append(batch.indices)
     if not chunks:
-        raise ValueError(f"none of the {len(data.images)} images could be read; see the failures logged above")
+        from .data_skips import UnreadableDataError, describe_failures
+
+        raise UnreadableDataError(
+            f"none of the {len(data.images)} images could be read: {describe_failures(log.failures)}; check the "
+            "paths of the data (a table's relative paths resolve against its own folder)"
+        )
     index = torch.cat(indices)
     labels = torch.tensor(data.labels, dtype=torch.long)[index]
     if log.count:

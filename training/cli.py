@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str]) -> int:
     """`vlm train`: trains per the config and overrides, prints the steps, time, final loss and metrics
     (main process only) and the saved model's folder. `--print-config` prints the resolved config and
-    stops. Returns 0, or 1 when the loss stayed non-finite."""
+    stops. Returns 0, or 1 when the loss stayed non-finite or the data was mostly unreadable (no model is
+    saved then)."""
     args = _parser().parse_args(argv)
     from .config import config_to_dict, load_config
 
@@ -43,11 +44,12 @@ def train_main(argv: list[str]) -> int:
 
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
+    from .data_skips import UnreadableDataError
     from .loop import NonFiniteLossError, train
 
     try:
         result = train(config)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, UnreadableDataError) as err:
         print(f"vlm train: error: {err}", file=sys.stderr)
         return 1
     from .distributed import rank

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -18,6 +17,18 @@ from typing import Any, Mapping, Sequence
 
 from vlm.files import atomic_write_text
 from vlm.overflow import OVERFLOW_POLICIES
+
+# close_match and setting_errors: re-exported, the helpers of every user of the training config.
+from .config_checks import (
+    _choice,
+    _default,
+    _in_range,
+    _positives,
+    check_batch_split,
+    check_model_overrides,
+    close_match,
+    setting_errors,
+)
 
 __all__ = [
     "DataConfig",
@@ -33,23 +44,13 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "close_match",
+    "setting_errors",
 ]
 
 DATA_FORMATS = ("auto", "csv", "tsv", "jsonl", "json", "parquet", "list", "hf", "imagefolder", "webdataset")
 LOSSES = ("clip", "siglip")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-
-
-def _positive(owner: str, name: str, value: Any, *, zero_ok: bool = False) -> None:
-    low_ok = value >= 0 if zero_ok else value > 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low_ok or not math.isfinite(value):
-        bound = ">= 0" if zero_ok else "> 0"
-        raise ValueError(f"{owner}.{name} must be a number {bound}, got {value!r}")
-
-
-def _choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{owner}.{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,24 @@ class DataConfig:
     # A caption longer than the model's context: "truncate" keeps its first tokens (open_clip's
     # behaviour; the run logs the total), "error" stops the run naming it.
     text_overflow: str = "truncate"
+    # The skip budget: unreadable data (a wrong data.image_root, missing files) stops the run with an
+    # error naming the first bad paths, and no model is saved, instead of "training" on nothing.
+    # It stops when every sample of this many consecutive steps was skipped (0: never). Five: with
+    # batches of 8 or more, a data set with a few broken files never loses five whole batches in a row,
+    # and a run whose images are all missing stops within seconds.
+    max_skipped_steps: int = 5
+    # ... or when more than this share of the first `skip_window` samples (of all of them, in a shorter
+    # run) was skipped. 1 turns this rule off. Half: real data sets lose a few percent to broken files;
+    # losing most of them means the paths or the columns are wrong.
+    max_skipped_fraction: float = 0.5
+    skip_window: int = 1000
 
     def __post_init__(self) -> None:
         _choice("data", "format", self.format, DATA_FORMATS)
         _choice("data", "text_overflow", self.text_overflow, OVERFLOW_POLICIES)
-        for name in ("batch_size", "shuffle_buffer"):
-            _positive("data", name, getattr(self, name))
-        for name in ("num_workers", "sample_timeout", "show_failures"):
-            _positive("data", name, getattr(self, name), zero_ok=True)
+        _positives(self, "data", ("batch_size", "shuffle_buffer", "skip_window"))
+        _positives(self, "data", ("num_workers", "sample_timeout", "show_failures", "max_skipped_steps"), zero_ok=True)
+        _in_range(self, "data", "max_skipped_fraction", 0, 1)
 
 
 @dataclass(frozen=True)
@@ -115,12 +126,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("model.name is empty; give a preset name (see `vlm presets`) or a model directory")
-        _positive("model", "unlocked_blocks", self.unlocked_blocks, zero_ok=True)
+        _positives(self, "model", ("unlocked_blocks",), zero_ok=True)
         if self.unlocked_blocks and not self.lock_image:
             raise ValueError(
                 f"model.unlocked_blocks={self.unlocked_blocks} only applies to a locked image tower; "
                 "set model.lock_image=true or drop model.unlocked_blocks"
             )
+        if self.overrides:
+            check_model_overrides(self.name, self.overrides)
 
 
 @dataclass(frozen=True)
@@ -142,15 +155,15 @@ class OptimConfig:
     layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive("optim", "lr", self.lr)
-        for name in ("weight_decay", "grad_clip", "eps"):
-            _positive("optim", name, getattr(self, name), zero_ok=True)
+        _positives(self, "optim", ("lr",))
+        _positives(self, "optim", ("weight_decay", "grad_clip", "eps"), zero_ok=True)
         if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = no decay; 0.75 is usual), got {self.layer_decay!r}")
+            raise ValueError(
+                f"optim.layer_decay must be in (0, 1], got {self.layer_decay!r}; set optim.layer_decay=1 for no "
+                "decay, or 0.65-0.75 (usual for a pretrained tower)"
+            )
         for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                raise ValueError(f"optim.{name} must be in [0, 1), got {value!r}")
+            _in_range(self, "optim", name, 0, 1, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -162,10 +175,9 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _positive("schedule", "steps", self.steps)
-        _positive("schedule", "warmup_steps", self.warmup_steps, zero_ok=True)
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        _positives(self, "schedule", ("steps",))
+        _positives(self, "schedule", ("warmup_steps",), zero_ok=True)
+        _in_range(self, "schedule", "min_lr_ratio", 0, 1)
 
 
 @dataclass(frozen=True)
@@ -189,9 +201,8 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _choice("loss", "kind", self.kind, LOSSES)
-        _positive("loss", "chunk_size", self.chunk_size, zero_ok=True)
-        for name in ("accum_steps", "max_nonfinite", "max_logit_scale"):
-            _positive("loss", name, getattr(self, name))
+        _positives(self, "loss", ("chunk_size",), zero_ok=True)
+        _positives(self, "loss", ("accum_steps", "max_nonfinite", "max_logit_scale"))
 
 
 @dataclass(frozen=True)
@@ -205,8 +216,8 @@ class CheckpointConfig:
     resume: str = "auto"
 
     def __post_init__(self) -> None:
-        _positive("checkpoint", "every", self.every, zero_ok=True)
-        _positive("checkpoint", "keep", self.keep)
+        _positives(self, "checkpoint", ("every",), zero_ok=True)
+        _positives(self, "checkpoint", ("keep",))
 
 
 @dataclass(frozen=True)
@@ -229,9 +240,8 @@ class EvalConfig:
     max_samples: int = 0
 
     def __post_init__(self) -> None:
-        _positive("eval", "every", self.every, zero_ok=True)
-        _positive("eval", "batch_size", self.batch_size)
-        _positive("eval", "max_samples", self.max_samples, zero_ok=True)
+        _positives(self, "eval", ("every", "max_samples"), zero_ok=True)
+        _positives(self, "eval", ("batch_size",))
         if not self.templates:
             raise ValueError("eval.templates is empty; give at least one prompt such as 'a photo of a {}.'")
         bad = [t for t in self.templates if "{}" not in t]
@@ -250,7 +260,7 @@ class LoggingConfig:
     plot: bool = True
 
     def __post_init__(self) -> None:
-        _positive("logging", "every", self.every)
+        _positives(self, "logging", ("every",))
 
 
 @dataclass(frozen=True)
@@ -271,7 +281,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        _choice("TrainConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
+        _choice("", "mixed_precision", self.mixed_precision, PRECISIONS)
         if not self.output_dir:
             raise ValueError("output_dir is empty; give the directory the run writes to")
         if self.schedule.warmup_steps > self.schedule.steps:
@@ -279,11 +289,7 @@ class TrainConfig:
                 f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds schedule.steps "
                 f"({self.schedule.steps}); lower the warmup or train longer"
             )
-        if self.data.batch_size % self.loss.accum_steps:
-            raise ValueError(
-                f"data.batch_size ({self.data.batch_size}) must be a multiple of loss.accum_steps "
-                f"({self.loss.accum_steps}); each micro-batch gets an equal share"
-            )
+        check_batch_split(self.data.batch_size, self.loss.accum_steps, "loss.accum_steps")
 
 
 # ---- dicts, files and overrides -------------------------------------------------------------------
@@ -295,17 +301,34 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def config_from_dict(data: Mapping[str, Any], cls: type = TrainConfig, prefix: str = "") -> Any:
     """Builds `cls` from `data`, checking every key and type; errors name the dotted key."""
     if not isinstance(data, Mapping):
-        raise TypeError(f"{prefix or 'the config'} must be a mapping of keys to values, got {type(data).__name__}")
+        if not prefix:
+            raise TypeError(f"the config must be a mapping of keys to values, got {type(data).__name__}")
+        section = prefix.rstrip(".")
+        raise TypeError(
+            f"config key {section} is a section, got {data!r} ({type(data).__name__}); set its keys instead, "
+            f"e.g. {prefix}{fields(cls)[0].name}=..."
+        )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        names = ", ".join(prefix + k for k in unknown)
+        names = ", ".join(prefix + k + close_match(k, known) for k in unknown)
         raise ValueError(
             f"unknown config key(s) {names}; known keys here are {', '.join(prefix + k for k in sorted(known))}"
         )
-    values = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
+    values = {name: _leaf(value, hints[name], cls, prefix + name) for name, value in data.items()}
     return cls(**values)
+
+
+def _leaf(value: Any, hint: Any, cls: type, key: str) -> Any:
+    """`_convert`, with the field's default as the example of a TypeError's fix."""
+    try:
+        return _convert(value, hint, key)
+    except TypeError as err:
+        default = _default(cls, key.rpartition(".")[2])
+        if dataclasses.is_dataclass(hint) or default in (None, "") or isinstance(default, tuple):
+            raise
+        raise TypeError(f"{err}; write it like {key}={default!r} (the default)") from None
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:
@@ -365,10 +388,14 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], cls: type
         parts = key.split(".")
         _check_key(cls, parts, key)
         node = out
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part} is not a section")
+                section = ".".join(parts[: i + 1])
+                raise ValueError(
+                    f"override {item!r}: {section} holds the value {node!r}, not a section; set {section} itself, "
+                    f"or remove its value from the config file"
+                )
         node[parts[-1]] = _parse_value(text)
     return out
 
@@ -378,11 +405,15 @@ def _check_key(cls: Any, parts: list[str], key: str) -> None:
         if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
             if cls is dict or typing.get_origin(cls) is dict:
                 return  # free-form mapping (model.overrides): its keys are checked by what consumes it
-            raise ValueError(f"override key {key}: {'.'.join(parts[:i])} is a value, not a section")
+            value = ".".join(parts[:i])
+            raise ValueError(f"override key {key}: {value} is a value, not a section; write {value}=VALUE")
         hints = typing.get_type_hints(cls)
         if part not in hints:
             where = ".".join(parts[:i]) or "the top level"
-            raise ValueError(f"unknown config key {key}: {where} has no {part!r}; known: {', '.join(sorted(hints))}")
+            raise ValueError(
+                f"unknown config key {key}: {where} has no {part!r}{close_match(part, hints)}; "
+                f"known: {', '.join(sorted(hints))}"
+            )
         cls = hints[part]
 
 
@@ -423,3 +454,4 @@ def write_config(config: Any, path: str | Path) -> Path:
     import yaml
 
     return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+

@@ -227,10 +227,12 @@ class PairBatchSampler:
         self.start = start
         if isinstance(source, MapSource):
             global_batch = local_batch * world_size
+            if len(source) == 0:
+                raise ValueError(f"{source.description} is empty: it has no samples; give data with image-text pairs")
             if len(source) < global_batch:
                 raise ValueError(
                     f"{source.description} has {len(source)} samples, fewer than one global batch "
-                    f"({global_batch}); lower data.batch_size"
+                    f"(data.batch_size={global_batch}); set data.batch_size to at most {len(source)}, or give more data"
                 )
             self.steps_per_epoch = len(source) // global_batch
 

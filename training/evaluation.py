@@ -14,7 +14,7 @@ from vlm.embed import embed_images, embed_texts
 from vlm.metrics import positives_from_ids, retrieval_recall, topk_accuracy
 from vlm.model import CLIP
 
-from .config import TrainConfig
+from .config import TrainConfig, setting_errors
 from .sources import open_pairs, open_source
 
 __all__ = [
@@ -90,16 +90,15 @@ def load_eval_sets(config: TrainConfig) -> EvalSets:
     sets = EvalSets()
     ev, data = config.eval, config.data
     if ev.zeroshot:
-        sets.zeroshot = z = _zeroshot_set(config)
+        with setting_errors("eval.zeroshot", ev.zeroshot):
+            sets.zeroshot = z = _zeroshot_set(config)
         logger.info(
             "zero-shot set: %d images, %d classes, %d templates", len(z.images), len(z.classnames), len(z.templates)
         )
     if data.eval:
-        records = [
-            r
-            for r in open_pairs(data, held_out=True).records(ev.max_samples)
-            if isinstance(r.text, str) and r.text.strip()
-        ]
+        with setting_errors("data.eval", data.eval):
+            pairs = open_pairs(data, held_out=True).records(ev.max_samples)
+        records = [r for r in pairs if isinstance(r.text, str) and r.text.strip()]
         sets.retrieval = RetrievalSet([r.image for r in records], [r.text for r in records])
         logger.info("retrieval set: %d image-caption pairs", len(records))
     return sets

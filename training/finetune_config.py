@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .config import PRECISIONS, LoggingConfig, OptimConfig, _choice, _positive, load_config
+from .config import PRECISIONS, LoggingConfig, OptimConfig, load_config
+from .config_checks import _choice, _in_range, _positive, _positives
 
 __all__ = [
     "MODES",
@@ -49,7 +50,7 @@ class FinetuneModelConfig:
 
     def __post_init__(self) -> None:
         if self.unlocked_blocks is not None:
-            _positive("model", "unlocked_blocks", self.unlocked_blocks, zero_ok=True)
+            _positives(self, "model", ("unlocked_blocks",), zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,16 @@ class FinetuneDataConfig:
     class_names: tuple[str, ...] = ()
     # Train and evaluate at this resolution (the position embeddings are resampled); None: the model's.
     image_size: int | None = None
+    # The job stops, writing nothing, when more than this share of the training or of the held-out
+    # images cannot be read (1: never), as `vlm train`'s data.max_skipped_fraction does: losing most
+    # images means the paths are wrong, not that a few files are broken. Every image is decoded before
+    # training, so the share is over all of them (`vlm train` streams, and counts its first samples).
+    max_skipped_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.image_size is not None:
             _positive("data", "image_size", self.image_size)
+        _in_range(self, "data", "max_skipped_fraction", 0, 1)
 
 
 @dataclass(frozen=True)
@@ -104,16 +111,20 @@ class RecipeConfig:
         for name in ("epochs", "batch_size", "probe_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"recipe.{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "probe_weight_decay"):
-            _positive("recipe", name, getattr(self, name), zero_ok=True)
-        _positive("recipe", "probe_lr", self.probe_lr)
+                raise ValueError(
+                    f"recipe.{name} must be a positive integer, got {value!r}; set recipe.{name}=N with N >= 1 "
+                    f"(the default is {getattr(RecipeConfig, name)})"
+                )
+        _positives(self, "recipe", ("warmup_steps", "probe_weight_decay"), zero_ok=True)
+        _positives(self, "recipe", ("probe_lr",))
         if not self.templates:
             raise ValueError("recipe.templates is empty; give a set name such as 'simple' or templates like 'a photo of a {}.'")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"recipe.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        _in_range(self, "recipe", "label_smoothing", 0, 1, high_open=True)
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"recipe.ema_decay must be in [0, 1) (0 = off, 0.999 is usual), got {self.ema_decay!r}")
+            raise ValueError(
+                f"recipe.ema_decay must be in [0, 1), got {self.ema_decay!r}; set recipe.ema_decay=0 (off) or e.g. "
+                "0.999"
+            )
 
     def resolved_templates(self) -> str | tuple[str, ...]:
         """What `vlm.templates.resolve_templates` takes: the set name or file, or the templates."""
@@ -133,8 +144,7 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            _positive("augment", name, getattr(self, name), zero_ok=True)
+        _positives(self, "augment", ("mixup_alpha", "cutmix_alpha"), zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -176,7 +186,7 @@ class FinetuneCheckpointConfig:
     resume: str = "auto"  # see RESUME_HELP
 
     def __post_init__(self) -> None:
-        _positive("checkpoint", "keep", self.keep)
+        _positives(self, "checkpoint", ("keep",))
         if not self.resume:
             raise ValueError(f"checkpoint.resume is empty; give {RESUME_HELP}")
 
@@ -200,9 +210,9 @@ class FinetuneConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        _choice("FinetuneConfig", "mixed_precision", self.mixed_precision, PRECISIONS)
+        _choice("", "mixed_precision", self.mixed_precision, PRECISIONS)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}; set e.g. seed=0")
 
 
 def load_finetune_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:

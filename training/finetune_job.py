@@ -16,6 +16,7 @@ from typing import Any
 from vlm.data import FailureLog, LabelledImages
 from vlm.evaluation import Metrics
 from vlm.files import atomic_write_text
+from vlm.model_card import CLASSIFICATION, ModelCard, card_for_run, write_model_card
 
 from .classifier import ImageClassifier, LoadedImages, evaluate_classifier, load_images, zeroshot_head
 from .finetune_config import FinetuneConfig
@@ -108,8 +109,30 @@ def run_finetune(config: FinetuneConfig) -> FinetuneReport | None:
         finetuned={"test": evaluate_classifier(chosen, test), "shifted": evaluate_classifier(chosen, shifted)},
         sweep=points, skipped_images=train.failures.count + test.failures.count, losses=result.losses,
     )  # fmt: skip
-    _save(report, chosen)
+    _save(report, chosen, _model_card(config, report, train_spec, test_spec))
     return report
+
+
+def _model_card(config: FinetuneConfig, report: FinetuneReport, train_spec: str, test_spec: str) -> ModelCard:
+    """The saved classifier's card: its data, recipe and its accuracy on the held-out split."""
+    from vlm.defaults import resolve_model
+
+    start = resolve_model(config.model.name)
+    test, shifted = report.finetuned["test"], report.finetuned["shifted"]
+    metrics = {"top1": test.top1, "top5": test.top5, "mean_per_class_recall": test.mean_per_class_recall}
+    return card_for_run(
+        data=train_spec,
+        eval_data={CLASSIFICATION: test_spec},
+        metrics={**metrics, "shifted_top1": shifted.top1},
+        base_model=f"{start}:{config.model.pretrained}" if config.model.pretrained else start,
+        name=Path(config.output_dir).name,
+        mode=config.recipe.mode,
+        epochs=config.recipe.epochs,
+        batch_size=config.recipe.batch_size,
+        lr=config.optim.lr,
+        wise_ft=report.wise_ft,
+        seed=config.seed,
+    )
 
 
 def _labelled(config: FinetuneConfig, spec: str, split: str, class_names: tuple[str, ...]) -> LabelledImages:
@@ -125,12 +148,10 @@ def _load_data(config: FinetuneConfig, model_config, train_spec: str, test_spec:
     """The decoded training and held-out images, and the held-out split's shifted copy."""
     from .augment import shift_images
 
-    size, progress = config.data.image_size, config.logging.progress
-    labelled = _labelled(config, train_spec, config.data.split, config.data.class_names)
-    train = load_images(labelled, model_config, image_size=size, progress=progress)
+    train = _decoded(config, model_config, "data.train", train_spec, config.data.split, config.data.class_names)
     # The held-out data takes the training classes' order (a table may lack a class, or list them otherwise).
-    held_out = _labelled(config, test_spec, config.data.eval_split, train.class_names)
-    test = load_images(held_out, model_config, image_size=size, progress=progress)
+    key = "data.eval" if config.data.eval is not None else "data.train"
+    test = _decoded(config, model_config, key, test_spec, config.data.eval_split, train.class_names)
     if test.class_names != train.class_names:
         raise ValueError(
             f"the held-out data {test_spec} has classes {list(test.class_names)} and the training data {train_spec} "
@@ -140,10 +161,27 @@ def _load_data(config: FinetuneConfig, model_config, train_spec: str, test_spec:
     return train, test, shifted
 
 
-def _save(report: FinetuneReport, chosen: ImageClassifier) -> None:
+def _decoded(config: FinetuneConfig, model_config, key: str, spec: str, split: str, classes) -> LoadedImages:
+    """The images of `spec` decoded; errors name the setting `key`, and more than data.max_skipped_fraction
+    of them unreadable is one (`training.data_skips`)."""
+    from .config_checks import setting_errors
+    from .data_skips import check_skipped_share
+
+    with setting_errors(key, spec):
+        labelled = _labelled(config, spec, split, classes)
+        images = load_images(
+            labelled, model_config, image_size=config.data.image_size, progress=config.logging.progress
+        )
+        share = config.data.max_skipped_fraction
+        check_skipped_share(images.failures.failures, len(labelled.images), share, f"{key}={spec}")
+    return images
+
+
+def _save(report: FinetuneReport, chosen: ImageClassifier, card: ModelCard) -> None:
     from .plots import plot_wise_ft_sweep
 
     chosen.save_pretrained(report.output_dir)
+    write_model_card(report.output_dir, chosen, fmt="vlm", card=card)
     plot_wise_ft_sweep(report.sweep, report.output_dir / "sweep.png")
     atomic_write_text(report.output_dir / "metrics.json", json.dumps(report.to_dict(), indent=2))
     logger.info("classifier (WiSE-FT %g) saved to %s", report.wise_ft, report.output_dir)

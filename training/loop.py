@@ -13,16 +13,18 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from vlm.checkpoint import load
+from vlm.checkpoint import load, save_pretrained
 from vlm.data import FailureLog
+from vlm.model_card import RETRIEVAL, ZERO_SHOT, ModelCard, card_for_run
 from vlm.model import CLIP, create_model
 from vlm.presets import PRESETS
 from vlm.transforms import image_transform
 
 from .checkpointing import TrainerState, checkpoint_to_resume, clean_partial, latest_checkpoint, load_checkpoint
 from .checkpointing import save_checkpoint as _save_checkpoint
-from .config import ModelConfig, TrainConfig, config_to_dict, write_config
+from .config import ModelConfig, TrainConfig, check_batch_split, config_to_dict, write_config
 from .data import PairBatch, Position, build_loader, caption_tokenizer, report_truncated
+from .data_skips import SkipBudget
 from .distributed import all_reduce_sums, make_accelerator, resolve_mixed_precision
 from .evaluation import EvalSets, load_eval_sets, retrieval_metrics, zeroshot_metrics
 from .grad_cache import loss_and_gradients
@@ -115,7 +117,8 @@ def build_model(config: ModelConfig) -> CLIP:
 
 
 def prepare(config: TrainConfig) -> Run:
-    """Accelerator, model, optimiser and schedule, ready to train or to restore into."""
+    """Accelerator, model, optimiser and schedule, ready to train or to restore into; nothing is written
+    (`open_run_dir` writes the run directory once the data is validated too)."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(config.mixed_precision)
@@ -126,13 +129,16 @@ def prepare(config: TrainConfig) -> Run:
     if config.model.compile:
         model = torch.compile(model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    run_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial(run_dir)
-        write_config(config, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-    return Run(config, accelerator, model, optimizer, scheduler, run_dir)
+    return Run(config, accelerator, model, optimizer, scheduler, Path(config.output_dir))
+
+
+def open_run_dir(run: Run) -> None:
+    """Creates the run directory with the resolved config, without half-written checkpoints."""
+    if run.accelerator.is_main_process:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial(run.run_dir)
+        write_config(run.config, run.run_dir / "config.yaml")
+    run.accelerator.wait_for_everyone()
 
 
 def restore(run: Run) -> TrainerState:
@@ -185,11 +191,8 @@ def training_batches(run: Run, state: TrainerState) -> Iterator[PairBatch]:
     """This process's batches from where `state` left off, for ever."""
     cfg, acc = run.config, run.accelerator
     data = cfg.data
-    if data.batch_size % (acc.num_processes * cfg.loss.accum_steps):
-        raise ValueError(
-            f"data.batch_size ({data.batch_size}) must be divisible by the number of processes "
-            f"({acc.num_processes}) times loss.accum_steps ({cfg.loss.accum_steps})"
-        )
+    shares = f"the number of processes ({acc.num_processes}) times loss.accum_steps ({cfg.loss.accum_steps})"
+    check_batch_split(data.batch_size, acc.num_processes * cfg.loss.accum_steps, shares)
     source = open_pairs(data)
     if acc.is_main_process:
         logger.info("training data: %s", source.description)
@@ -313,6 +316,8 @@ def train(config: TrainConfig) -> TrainResult:
     # Only the main process evaluates, but every process must take the same branches (collectives).
     evaluating = bool(config.eval.zeroshot or config.data.eval)
     sets = load_eval_sets(config) if acc.is_main_process else EvalSets()
+    open_run_dir(run)  # the config and the data are valid: the run may write
+    budget = SkipBudget(config.data, state.samples_seen + state.skipped_samples, state.skipped_samples)
     log = MetricsLog(
         run.run_dir, enabled=acc.is_main_process, resume_step=state.step, tensorboard=config.logging.tensorboard
     )
@@ -328,6 +333,7 @@ def train(config: TrainConfig) -> TrainResult:
         # The totals live in `state`; the log only needs the failures it has shown (bounded memory).
         del failures.failures[failures.show :]
         out = train_step(run, batch, state)
+        budget.step(state.step, out.samples, out.skipped, batch.failures)
         truncated += out.truncated
         _log_step(run, log, state, out, time.perf_counter() - tick, bar)
         if evaluating and _due(state.step, config.eval.every, last):
@@ -337,9 +343,10 @@ def train(config: TrainConfig) -> TrainResult:
             save_checkpoint(run, state, batch)
     bar.close()
     del batches  # stops the DataLoader workers
+    budget.finish(state.step)  # a run shorter than data.skip_window: its share, before the model is saved
     if evaluating and not evaluated:  # resumed at the end: evaluate the final weights anyway
         metrics = evaluate(run, sets, state.step)
-    model_dir = _finish(run, state, log)
+    model_dir = _finish(run, state, log, metrics)
     if acc.is_main_process:
         report_truncated(truncated)
     return TrainResult(
@@ -387,12 +394,31 @@ def _log_step(run: Run, log: MetricsLog, state: TrainerState, out: StepOutput, s
     )
 
 
-def _finish(run: Run, state: TrainerState, log: MetricsLog) -> Path:
-    """Final model, failure summary and plot."""
+def _model_card(config: TrainConfig, state: TrainerState, metrics: dict[str, float]) -> ModelCard:
+    """The final model's card: the run's data and settings, and the last evaluation's metrics."""
+    pretrained = f"{config.model.name}:{config.model.pretrained}" if config.model.pretrained else config.model.name
+    return card_for_run(
+        data=config.data.train,
+        eval_data={ZERO_SHOT: config.eval.zeroshot, RETRIEVAL: config.data.eval},
+        metrics=metrics,
+        base_model=None if config.model.name in PRESETS and not config.model.pretrained else pretrained,
+        name=Path(config.output_dir).name,
+        preset=config.model.name if config.model.name in PRESETS else None,
+        steps=state.step,
+        batch_size=config.data.batch_size,
+        lr=config.optim.lr,
+        weight_decay=config.optim.weight_decay,
+        seed=config.seed,
+        samples_seen=state.samples_seen,
+    )
+
+
+def _finish(run: Run, state: TrainerState, log: MetricsLog, metrics: dict[str, float]) -> Path:
+    """Final model (with its card), failure summary and plot."""
     acc = run.accelerator
     model_dir = run.run_dir / "model"
     if acc.is_main_process:
-        run.clip.save_pretrained(model_dir)
+        save_pretrained(run.clip, model_dir, card=_model_card(run.config, state, metrics))
         if state.skipped_samples:
             total = state.samples_seen + state.skipped_samples
             logger.warning(

@@ -28,7 +28,7 @@ from vlm.data import is_tar_spec, load_hf_dataset, pick_column, read_table, sour
 from vlm.data.hf import image_columns, keep_encoded, undecoded
 from vlm.data.tables import TABLE_FORMATS, image_cell, read_list, table_format
 
-from .config import DataConfig
+from .config import DataConfig, setting_errors
 
 __all__ = [
     "Record",
@@ -344,14 +344,25 @@ def open_source(
 
 
 def open_pairs(data: DataConfig, *, held_out: bool = False) -> MapSource | StreamSource:
-    """The training pairs (`data.train`) or the held-out pairs (`data.eval`) of a config."""
+    """The training pairs (`data.train`) or the held-out pairs (`data.eval`) of a config; errors name the
+    setting, and an indexable source without a row is one."""
     spec, split = (data.eval, data.eval_split) if held_out else (data.train, data.split)
-    return open_source(
-        spec,
-        format=data.format,
-        image_column=data.image_column,
-        text_column=data.text_column,
-        image_root=data.image_root,
-        split=split,
-        shuffle_buffer=data.shuffle_buffer,
-    )
+    key = "data.eval" if held_out else "data.train"
+    if not spec:
+        return open_source(spec)  # the error of no data at all
+    with setting_errors(key, spec):
+        source = open_source(
+            spec,
+            format=data.format,
+            image_column=data.image_column,
+            text_column=data.text_column,
+            image_root=data.image_root,
+            split=split,
+            shuffle_buffer=data.shuffle_buffer,
+        )
+        if isinstance(source, MapSource) and len(source) == 0:
+            raise ValueError(
+                f"{source.description} is empty: it has no image-text pairs (a table with only its header row?); "
+                f"add rows to it, or point {key} at a source of image-text pairs"
+            )
+    return source

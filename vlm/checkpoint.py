@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -18,8 +16,9 @@ import torch
 from torch import Tensor
 
 from .config import CLIPConfig
-from .files import atomic_path, atomic_write_text, fsync_dir, fsync_tree
+from .files import atomic_directory, atomic_path, atomic_write_text
 from .model import CLIP, create_model
+from .model_card import ModelCard, read_model_card, write_model_card
 from .presets import PRESETS, get_preset
 
 __all__ = ["save_pretrained", "load_pretrained", "load", "load_state_dict_file"]
@@ -34,9 +33,10 @@ MODEL_TYPE = "vlm-clip"
 FORMAT_VERSION = 1
 
 
-def save_pretrained(model: CLIP, directory: str | Path) -> Path:
-    """Writes `config.json` and `model.safetensors` into `directory` (created if needed), and a copy of a
-    Hugging Face tokenizer's files into `directory/tokenizer/`.
+def save_pretrained(model: CLIP, directory: str | Path, *, card: ModelCard | None = None) -> Path:
+    """Writes `config.json` and `model.safetensors` into `directory` (created if needed), a copy of a
+    Hugging Face tokenizer's files into `directory/tokenizer/`, and the model card `README.md` (`card`, else
+    ``model.card``; see `vlm.model_card`), which replaces any README already there.
 
     Each file is written aside and renamed into place, so a crash never leaves a half-written file
     under the final name. Shared tensors (``share_transformer=True``) are stored once. When the tokenizer
@@ -51,6 +51,7 @@ def save_pretrained(model: CLIP, directory: str | Path) -> Path:
         save_model(model, str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     _save_tokenizer(model, directory / TOKENIZER_DIR)
+    write_model_card(directory, model, fmt="vlm", card=card)
     return directory
 
 
@@ -70,15 +71,8 @@ def _save_tokenizer(model: CLIP, target: Path) -> None:
     except (OSError, ValueError) as err:
         logger.warning("saved the model without its tokenizer files (%s); copy them into %s", err, target)
         return
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         tokenizer.save(staging)
-        fsync_tree(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        fsync_dir(target.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def tokenizer_dir(directory: str | Path) -> Path | None:
@@ -126,6 +120,7 @@ def load_pretrained(
     except Exception as err:  # safetensors raises several types for damaged files
         raise ValueError(f"could not read weights from {weights}: {err}") from err
     model.tokenizer_path = tokenizer_dir(directory)
+    model.card = read_model_card(directory)  # None for directories saved before cards, or without one
     return model.to(device=device, dtype=dtype)
 
 
@@ -205,7 +200,10 @@ def load(
 def _load(name: str, pretrained: str | Path | None, config: CLIPConfig | None) -> CLIP:
     path = Path(name)
     if path.is_dir():
-        return _load_dir(path)
+        model = _load_dir(path)
+        # Whatever the format, the directory's card travels with the model into the next save.
+        model.card = read_model_card(path)
+        return model
     if path.is_file():
         if config is None and (path.parent / CONFIG_NAME).is_file():
             return _load_dir(path.parent)

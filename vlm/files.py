@@ -9,10 +9,11 @@ Readers see the old file or the new one, never a part of one.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "fsync_file", "fsync_dir", "fsync_tree"]
+__all__ = ["atomic_directory", "atomic_path", "atomic_write_text", "fsync_file", "fsync_dir", "fsync_tree"]
 
 
 class atomic_path:
@@ -41,6 +42,40 @@ class atomic_path:
         os.chmod(self.tmp, 0o666 & ~_umask())
         os.replace(self.tmp, self.final)
         fsync_dir(self.final.parent)
+
+
+class atomic_directory:
+    """A fresh hidden directory next to `final`, put in its place (after fsync) when the block succeeds and
+    removed when it raises, so `final` holds the old contents or the complete new ones, never a part::
+
+        with atomic_directory(out) as tmp:
+            write_everything(tmp)
+
+    An existing `final` is replaced as a whole (moved aside, then deleted once the new one is in place).
+    """
+
+    def __init__(self, final: str | os.PathLike) -> None:
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".tmp", dir=self.final.parent))
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        fsync_tree(self.tmp)  # the rename must not reach the disk before the files
+        os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        old = None
+        if self.final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".old", dir=self.final.parent))
+            os.replace(self.final, old / self.final.name)
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(final: str | os.PathLike, text: str) -> Path:

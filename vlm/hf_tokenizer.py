@@ -47,14 +47,16 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import tokenizer as clip_tokenizer
 from .overflow import OVERFLOW_SETTING, check_overflow, count_truncated, overflow_error
 from .text_clean import get_clean_fn
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CONFIG_FILES", "HFTokenizer", "VOCABULARY_FILES"]
 
@@ -75,8 +77,8 @@ class _RustPipeline:
 
     suffix_only_if_absent = False
 
-    def __init__(self, hf_tokenizer: Any) -> None:
-        self.backend = hf_tokenizer.backend_tokenizer
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
         self.backend.no_padding()
         self.backend.no_truncation()
         probe = self.backend.encode("a", add_special_tokens=True)
@@ -145,7 +147,8 @@ class HFTokenizer:
 
     Construction reads the files through transformers (a fraction of a second, longer for 900k-token
     vocabularies). Calls do not go through transformers, except `decode` and, with SiglipTokenizer, a text
-    holding one of its special tokens.
+    holding one of its special tokens. `from_pipeline` rebuilds the tokenizer without transformers from what
+    `pipeline_json` and `framing` saved (an ONNX export does so).
     """
 
     def __init__(
@@ -160,6 +163,62 @@ class HFTokenizer:
         warn_each_call: bool = True,
         local_files_only: bool | None = None,
     ) -> None:
+        self._set_policy(context_length, clean, strip_sep_token, overflow, overflow_setting, warn_each_call)
+        directory, where = _tokenizer_directory(source, local_files_only)
+        self.files = _tokenizer_files(directory, where)
+        stamp = tuple((path.name, path.stat().st_mtime_ns, path.stat().st_size) for path in self.files)
+        self._files_digest, self._hf, self._content_ids = _load(directory, where, stamp)
+        hf = self._hf
+        framing = dict(prefix=self._content_ids.prefix, suffix=self._content_ids.suffix, vocab_size=len(hf))
+        framing.update(pad_token_id=hf.pad_token_id, sep_token_id=hf.sep_token_id)
+        self._set_framing(dict(framing, padding_side=hf.padding_side, truncation_side=hf.truncation_side), where)
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        directory: str | os.PathLike,
+        framing: dict[str, Any],
+        context_length: int,
+        *,
+        pipeline: str = "pipeline.json",
+        clean: str = "whitespace",
+        strip_sep_token: bool = False,
+        overflow: str = "truncate",
+        overflow_setting: str = OVERFLOW_SETTING,
+        warn_each_call: bool = True,
+    ) -> "HFTokenizer":
+        """The tokenizer saved as `directory` (its files, as `save` writes them) plus `pipeline` in it (what
+        `pipeline_json` gave) and `framing` (what `framing()` gave), built with `tokenizers` alone: the same ids
+        and fingerprint without transformers. `decode` needs transformers and is not available."""
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self = cls.__new__(cls)
+        self._set_policy(context_length, clean, strip_sep_token, overflow, overflow_setting, warn_each_call)
+        directory = Path(directory)
+        self.files = _tokenizer_files(directory, f"folder {directory}")
+        self._files_digest, self._hf = _files_digest(self.files), None
+        self._content_ids = _RustPipeline(RustTokenizer.from_file(str(directory / pipeline)))
+        self._set_framing(framing, f"folder {directory}")
+        return self
+
+    def framing(self) -> dict[str, Any]:
+        """What frames and pads each row (special ids before and after a text, pad and sep ids, padding and
+        truncation sides, vocabulary size), as plain values for `from_pipeline`."""
+        return dict(
+            prefix=list(self._prefix), suffix=list(self._suffix), vocab_size=self.vocab_size,
+            pad_token_id=self.pad_token_id, sep_token_id=self._sep_token_id, padding_side=self.padding_side,
+            truncation_side=self.truncation_side,
+        )
+
+    def pipeline_json(self) -> str | None:
+        """The Rust pipeline that gives the content ids, serialised for `from_pipeline`; None for a
+        SiglipTokenizer, which has none (transformers is then needed to tokenize)."""
+        backend = getattr(self._content_ids, "backend", None)
+        return None if backend is None else backend.to_str()
+
+    def _set_policy(
+        self, context_length: int, clean: str, strip_sep_token: bool, overflow: str, overflow_setting: str, warn: bool
+    ) -> None:
         check_overflow(overflow)
         self._clean_fn = get_clean_fn(clean)
         self.context_length = clip_tokenizer._check_context_length(context_length)
@@ -167,29 +226,28 @@ class HFTokenizer:
         self.strip_sep_token = strip_sep_token
         self.overflow = overflow
         self.overflow_setting = overflow_setting
-        self.warn_each_call = warn_each_call
+        self.warn_each_call = warn
         self.num_truncated = 0
-        directory, where = _tokenizer_directory(source, local_files_only)
-        self.files = _tokenizer_files(directory, where)
-        stamp = tuple((path.name, path.stat().st_mtime_ns, path.stat().st_size) for path in self.files)
-        self._files_digest, self._hf, self._content_ids = _load(directory, where, stamp)
-        self._prefix, self._suffix = self._content_ids.prefix, self._content_ids.suffix
-        self.vocab_size = len(self._hf)
-        self.pad_token_id = self._hf.pad_token_id
-        self.padding_side = self._hf.padding_side
-        self.truncation_side = self._hf.truncation_side
-        self._sep_token_id = self._hf.sep_token_id
+
+    def _set_framing(self, framing: dict[str, Any], where: str) -> None:
+        self._prefix, self._suffix = list(framing["prefix"]), list(framing["suffix"])
+        self.vocab_size = framing["vocab_size"]
+        self.pad_token_id = framing["pad_token_id"]
+        self.padding_side = framing["padding_side"]
+        self.truncation_side = framing["truncation_side"]
+        self._sep_token_id = framing["sep_token_id"]
         if self.pad_token_id is None:
             raise ValueError(f"the tokenizer of {where} has no pad token to fill rows with; name one in its files")
-        if strip_sep_token and self._sep_token_id is None:
+        if self.strip_sep_token and self._sep_token_id is None:
             raise ValueError(f"strip_sep_token=True, but the tokenizer of {where} has no sep token; drop the flag")
         # The id that ends every text: gone when strip_sep_token turns it into 0.
         ends = self._suffix[-1] if self._suffix else None
-        self.eot_token_id = None if strip_sep_token and ends == self._sep_token_id else ends
+        self.eot_token_id = None if self.strip_sep_token and ends == self._sep_token_id else ends
 
     def __repr__(self) -> str:
+        kind = "pipeline" if self._hf is None else type(self._hf).__name__
         return (
-            f"HFTokenizer({type(self._hf).__name__}, context_length={self.context_length}, clean={self.clean!r}, "
+            f"HFTokenizer({kind}, context_length={self.context_length}, clean={self.clean!r}, "
             f"strip_sep_token={self.strip_sep_token}, overflow={self.overflow!r})"
         )
 
@@ -198,6 +256,12 @@ class HFTokenizer:
 
         `context_length` overrides the tokenizer's own for this call.
         """
+        import torch
+
+        return torch.from_numpy(self.ids(texts, context_length))
+
+    def ids(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """What a call returns, as a numpy array: the same ids without torch (ONNX runtimes use it)."""
         if context_length is None:
             context_length = self.context_length
         context_length = clip_tokenizer._check_context_length(context_length)
@@ -228,6 +292,9 @@ class HFTokenizer:
         tokenizer lower-cases (BERT uncased, SiglipTokenizer, Siglip2Tokenizer), without the characters its
         normalizer rewrites, and with "<unk>" dropped for characters the vocabulary lacks.
         """
+        if self._hf is None:
+            raise ValueError("this HFTokenizer was rebuilt from a saved pipeline without transformers; decoding needs "
+                             f"HFTokenizer(folder) with transformers installed (folder: {self.files[0].parent})")
         return self._hf.decode(clip_tokenizer._as_row(ids, self.vocab_size), skip_special_tokens=True)
 
     def fingerprint(self) -> str:
@@ -264,7 +331,7 @@ class HFTokenizer:
             )
         return room
 
-    def _pack(self, contents: list[list[int]], room: int, context_length: int) -> torch.Tensor:
+    def _pack(self, contents: list[list[int]], room: int, context_length: int) -> np.ndarray:
         """(B, context_length) rows: each text's ids cut to `room`, framed, padded on the padding side."""
         keep_first = self.truncation_side == "right"
         kept = (ids if len(ids) <= room else ids[:room] if keep_first else ids[len(ids) - room :] for ids in contents)
@@ -278,7 +345,7 @@ class HFTokenizer:
             filled = column >= context_length - lengths[:, None]
         # A boolean mask assigns in row-major order, the order of the chained rows.
         out[filled] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
-        return torch.from_numpy(out)
+        return out
 
     def _frame(self, ids: list[int]) -> list[int]:
         if self._content_ids.suffix_only_if_absent and ids[len(ids) - len(self._suffix) :] == self._suffix:
@@ -398,7 +465,7 @@ def _pipeline(hf_tokenizer: Any, where: str) -> _RustPipeline | _SiglipPipeline:
         TokenizersBackend.__call__,
         TokenizersBackend._encode_plus,
     ):
-        return _RustPipeline(hf_tokenizer)
+        return _RustPipeline(hf_tokenizer.backend_tokenizer)
     if isinstance(hf_tokenizer, SiglipTokenizer):
         return _SiglipPipeline(hf_tokenizer)
     raise ValueError(

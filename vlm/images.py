@@ -29,10 +29,10 @@ import io
 import logging
 import os
 import re
-from typing import IO, Union
+import sys
+from typing import IO, TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["ImageLoadError", "load_image", "to_rgb", "DEFAULT_MAX_PIXELS", "ImageSource"]
@@ -44,7 +44,11 @@ logger = logging.getLogger(__name__)
 # real 100-megapixel camera photos (11648 x 8736) that PIL itself opens; `draft_size` decodes those cheaply.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], Image.Image, np.ndarray, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+# torch.Tensor by name: loading images needs no torch (an ONNX runtime loads them without it).
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], Image.Image, np.ndarray, "torch.Tensor"]
 
 _WHITE = (255, 255, 255)
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -96,7 +100,8 @@ def load_image(
     _check_options(max_pixels, draft_size)
     if isinstance(source, Image.Image):
         return _finish(source, _describe_image(source), max_pixels, draft_size)
-    if isinstance(source, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only where torch was imported
+    if torch is not None and isinstance(source, torch.Tensor):
         name = f"<tensor of shape {tuple(source.shape)} and dtype {source.dtype}>"
         return _finish(_tensor_to_pil(source, name), name, max_pixels, None)
     if isinstance(source, np.ndarray):

@@ -47,7 +47,9 @@ import hashlib
 import importlib.util
 import itertools
 import logging
+import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +57,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import regex
-import torch
 from tokenizers import models
 
 from .config import CLIP_TOKENIZER, CLIPConfig, TextConfig
@@ -64,6 +65,8 @@ from .overflow import resolve_overflow
 from .text_clean import NEEDS_FULL_CLEAN, get_clean_fn
 
 if TYPE_CHECKING:
+    import torch
+
     from .hf_tokenizer import HFTokenizer
 
 __all__ = ["DEFAULT_CONTEXT_LENGTH", "OVERFLOW_POLICIES", "Tokenizer", "get_tokenizer"]
@@ -113,9 +116,9 @@ def _vocab_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / _VOCAB_FILE
 
 
-@functools.lru_cache(maxsize=1)
-def _vocab_digest() -> str:
-    return hashlib.sha256(_vocab_path().read_bytes()).hexdigest()
+@functools.lru_cache(maxsize=4)
+def _vocab_digest(vocabulary: Path | None = None) -> str:
+    return hashlib.sha256((vocabulary or _vocab_path()).read_bytes()).hexdigest()
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -132,11 +135,12 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
 
 
-@functools.lru_cache(maxsize=1)
-def _backend() -> _Backend:
-    """Built once per process (a fraction of a second) and shared by every `Tokenizer`."""
+@functools.lru_cache(maxsize=4)
+def _backend(vocabulary: Path | None = None) -> _Backend:
+    """Built once per process and vocabulary file (a fraction of a second) and shared by every `Tokenizer`;
+    None: open_clip's file. An ONNX export carries its own copy, so a runtime without open_clip finds it."""
     byte_encoder = _bytes_to_unicode()
-    merges = _read_merges(_vocab_path())
+    merges = _read_merges(vocabulary or _vocab_path())
     symbols = list(byte_encoder.values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -181,18 +185,25 @@ class _ChunkIds(dict):
         return ids
 
 
-_chunk_ids: _ChunkIds | None = None
+_chunk_ids: _ChunkIds | None = None  # of open_clip's vocabulary file
+_chunk_ids_of_file: dict[Path, _ChunkIds] = {}  # of other copies of it (an ONNX export's)
 
 
-def _current_chunk_ids() -> _ChunkIds:
+def _current_chunk_ids(vocabulary: Path | None = None) -> _ChunkIds:
     """The id cache for one batch. A full table is replaced, never cleared, so that a batch running in
     another thread keeps a consistent one; a full chunk table alone keeps its word table."""
     global _chunk_ids
-    table = _chunk_ids
+    table = _chunk_ids if vocabulary is None else _chunk_ids_of_file.get(vocabulary)
     if table is None or len(table.words) > _MAX_CACHED:
-        table = _chunk_ids = _ChunkIds(_WordIds(_backend()))
+        table = _ChunkIds(_WordIds(_backend(vocabulary)))
     elif len(table) > _MAX_CACHED:
-        table = _chunk_ids = _ChunkIds(table.words)
+        table = _ChunkIds(table.words)
+    else:
+        return table
+    if vocabulary is None:
+        _chunk_ids = table
+    else:
+        _chunk_ids_of_file[vocabulary] = table
     return table
 
 
@@ -222,7 +233,7 @@ class _Ids(NamedTuple):
     lengths: np.ndarray  # (B,) int64
 
 
-def _encode(texts: list[str], limit: int | None = None) -> _Ids:
+def _encode(texts: list[str], limit: int | None = None, vocabulary: Path | None = None) -> _Ids:
     """open_clip's `encode` of every text. With `limit`, a text's ids may stop anywhere after its first
     `limit`: filling a row of n needs limit = n - 1, the n - 2 ids it holds and one to see an overflow.
 
@@ -239,7 +250,8 @@ def _encode(texts: list[str], limit: int | None = None) -> _Ids:
     if not texts:
         return _Ids(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     chunks = f" {_TEXT_BREAK} ".join(texts).lower().split()
-    flat = np.fromiter(itertools.chain.from_iterable(map(_current_chunk_ids().__getitem__, chunks)), dtype=np.int64)
+    table = _current_chunk_ids(vocabulary)
+    flat = np.fromiter(itertools.chain.from_iterable(map(table.__getitem__, chunks)), dtype=np.int64)
     is_id = flat >= 0
     ends = np.append(np.flatnonzero(~is_id), flat.size)  # (B,) where each text's ids stop in `flat`
     return _Ids(flat[is_id], np.diff(ends, prepend=-1) - 1)
@@ -266,7 +278,7 @@ def _as_batch(texts: str | Iterable[str]) -> list[str]:
     return batch
 
 
-def _pack(encoded: _Ids, context_length: int, sot: int, eot: int) -> torch.Tensor:
+def _pack(encoded: _Ids, context_length: int, sot: int, eot: int) -> np.ndarray:
     """(B, context_length) int64 rows [sot, ids..., eot, 0, ...]; a row keeps its first context_length - 2
     ids, so a truncated row ends in eot, as in open_clip."""
     ids, lengths = encoded
@@ -277,7 +289,7 @@ def _pack(encoded: _Ids, context_length: int, sot: int, eot: int) -> torch.Tenso
     # A boolean mask assigns in row-major order, the order of `ids`.
     out[:, 1:][np.arange(context_length - 1) < kept[:, None]] = ids[position < context_length - 2]
     out[np.arange(len(lengths)), kept + 1] = eot
-    return torch.from_numpy(out)
+    return out
 
 
 class Tokenizer:
@@ -294,7 +306,8 @@ class Tokenizer:
     Warnings and errors tell how to change the policy as `overflow_setting` spells it (see `vlm.overflow`).
 
     Reading the vocabulary and building the Rust BPE model takes a fraction of a second, once per
-    process; constructing a `Tokenizer` after that is free.
+    process; constructing a `Tokenizer` after that is free. `vocabulary` is a copy of open_clip's
+    `bpe_simple_vocab_16e6.txt.gz` to read instead of the installed package's (an ONNX export ships one).
     """
 
     pad_token_id: int = PAD_TOKEN_ID
@@ -306,13 +319,15 @@ class Tokenizer:
         *,
         overflow_setting: str = OVERFLOW_SETTING,
         warn_each_call: bool = True,
+        vocabulary: str | os.PathLike | None = None,
     ) -> None:
         check_overflow(overflow)
         self.context_length = _check_context_length(context_length)
+        self.vocabulary = None if vocabulary is None else Path(vocabulary).resolve()
         self.overflow = overflow
         self.overflow_setting = overflow_setting
         self.warn_each_call = warn_each_call
-        backend = _backend()
+        backend = _backend(self.vocabulary)
         self.vocab_size = len(backend.id_to_token)
         self.sot_token_id = backend.special_ids[SOT_TOKEN]
         self.eot_token_id = backend.special_ids[EOT_TOKEN]
@@ -326,10 +341,16 @@ class Tokenizer:
 
         `context_length` overrides the tokenizer's own for this call.
         """
+        import torch
+
+        return torch.from_numpy(self.ids(texts, context_length))
+
+    def ids(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+        """What a call returns, as a numpy array: the same ids without torch (ONNX runtimes use it)."""
         context_length = self.context_length if context_length is None else _check_context_length(context_length)
         batch = _as_batch(texts)
         # One id past the row's room is enough to see that a text overflows.
-        encoded = _encode(batch, limit=context_length - 1)
+        encoded = _encode(batch, limit=context_length - 1, vocabulary=self.vocabulary)
         self._handle_overflow(batch, encoded.lengths, context_length)
         return _pack(encoded, context_length, self.sot_token_id, self.eot_token_id)
 
@@ -337,11 +358,11 @@ class Tokenizer:
         """The ids of one text without start and end tokens and without truncation (open_clip's `encode`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes one str, got {type(text).__name__}; tokenize a batch with tokenizer(texts)")
-        return _encode([text]).ids.tolist()
+        return _encode([text], vocabulary=self.vocabulary).ids.tolist()
 
     def lengths(self, texts: str | Sequence[str]) -> list[int]:
         """Each text's token count with start and end tokens, before truncation."""
-        return (_encode(_as_batch(texts)).lengths + 2).tolist()
+        return (_encode(_as_batch(texts), vocabulary=self.vocabulary).lengths + 2).tolist()
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """The text of one row of ids, as open_clip's `decode` writes it, minus the framing.
@@ -358,7 +379,7 @@ class Tokenizer:
             row = row[1:]
         if self.eot_token_id in row:
             row = row[: row.index(self.eot_token_id)]
-        backend = _backend()
+        backend = _backend(self.vocabulary)
         symbols = "".join(backend.id_to_token[i] for i in row)
         # Special tokens are plain ASCII, and every printable ASCII character is its own byte symbol.
         data = bytes(backend.byte_decoder[c] for c in symbols)
@@ -367,7 +388,7 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """A short hash of the vocabulary file and the context length: what artifacts built from token
         ids (zero-shot classifiers) record, so that they are not used with another tokenizer."""
-        return hashlib.sha256(f"{_vocab_digest()}:{self.context_length}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{_vocab_digest(self.vocabulary)}:{self.context_length}".encode()).hexdigest()[:16]
 
     def _handle_overflow(self, texts: list[str], lengths: np.ndarray, context_length: int) -> None:
         over = np.flatnonzero(lengths > context_length - 2)
@@ -375,19 +396,26 @@ class Tokenizer:
             return
         if self.overflow == "error":
             first = int(over[0])
-            length = int(_encode([texts[first]]).lengths[0]) + 2  # `lengths` may stop short past the row
+            # `lengths` may stop short past the row.
+            length = int(_encode([texts[first]], vocabulary=self.vocabulary).lengths[0]) + 2
             long = f"{length} tokens long with its start and end tokens"
             raise overflow_error(self, first, texts[first], long, context_length, f"first {context_length}")
         count_truncated(self, int(over.size), len(texts), context_length, logger)
 
 
+def _is_array(ids: Any) -> bool:
+    """A numpy array or a torch tensor; torch is not imported for the check (if it is not, ids are no tensor)."""
+    torch = sys.modules.get("torch")
+    return isinstance(ids, np.ndarray) or (torch is not None and isinstance(ids, torch.Tensor))
+
+
 def _as_row(ids: Sequence[int] | torch.Tensor, vocab_size: int) -> list[int]:
-    if isinstance(ids, (torch.Tensor, np.ndarray)) and ids.ndim != 1:
+    if _is_array(ids) and ids.ndim != 1:
         raise ValueError(
             f"decode takes one row of ids, got shape {tuple(ids.shape)}; decode rows one at a time: "
             "[tokenizer.decode(row) for row in ids]"
         )
-    row = ids.tolist() if isinstance(ids, (torch.Tensor, np.ndarray)) else list(ids)
+    row = ids.tolist() if _is_array(ids) else list(ids)
     bad = [i for i in row if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
     if bad:
         raise ValueError(f"decode takes token ids in [0, {vocab_size}), got {bad[0]!r}")

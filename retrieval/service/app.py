@@ -21,10 +21,13 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 5  # after SIGTERM, requests still running get this long before the server stops
 
 
-def create_app(index: SearchIndex, config: ServiceConfig | None = None, *, model_name: str | None = None):
-    """The FastAPI app serving `index` (see `retrieval.service`)."""
+def create_app(
+    index: SearchIndex, config: ServiceConfig | None = None, *, model_name: str | None = None, onnx: Any = None
+):
+    """The FastAPI app serving `index` (see `retrieval.service`); with `onnx` (an export directory or a
+    `vlm.onnx.OnnxCLIP` of the index's model) queries are embedded by onnxruntime, without the torch model."""
     config = config or ServiceConfig()
-    state = ServiceState.start(index, config, model_name)
+    state = ServiceState.start(index, config, model_name, onnx)
     app = FastAPI(
         title="vlm search",
         version="1",
@@ -53,6 +56,12 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="model for queries (default: the one that built the index)")
     parser.add_argument(
+        "--onnx",
+        default=None,
+        metavar="DIR",
+        help="embed queries with this ONNX export of the index's model (the torch model is not loaded)",
+    )
+    parser.add_argument(
         "--root",
         action="append",
         default=None,
@@ -67,6 +76,8 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--show-paths", action="store_true", help="absolute file paths in responses")
     parser.add_argument("--max-k", type=int, default=ServiceConfig.max_k)
     args = parser.parse_args(argv)
+    if args.model and args.onnx:
+        parser.error("give --model or --onnx, not both: the export is the model that embeds queries")
     import uvicorn
 
     index = SearchIndex.open(args.index, model=args.model)
@@ -77,7 +88,7 @@ def serve_main(argv: list[str]) -> int:
         allowed_hosts=hosts,
         show_paths=args.show_paths,
     )
-    app = create_app(index, config, model_name=args.model)
+    app = create_app(index, config, model_name=args.model, onnx=args.onnx)
     if args.host not in LOCAL_HOSTS:
         logger.warning("binding to %s: the service is reachable from other machines", args.host)
     print(f"serving {args.index} ({len(index)} items) at http://{args.host}:{args.port}/")

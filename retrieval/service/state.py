@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-
-from vlm.transforms import image_transform
 
 from ..search import SearchIndex
 from .file_guard import FileGuard, ThumbnailCache
@@ -126,24 +125,57 @@ class ServiceState:
     allowed_hosts: frozenset[str]
 
     @classmethod
-    def start(cls, index: SearchIndex, config: ServiceConfig, model_name: str | None) -> "ServiceState":
-        """Loads the model and starts the embedding threads for `index`."""
-        model = index.model  # load once, at start-up, not on the first request
-        from vlm.embed import embed_texts
-
+    def start(
+        cls, index: SearchIndex, config: ServiceConfig, model_name: str | None, onnx: Any = None
+    ) -> "ServiceState":
+        """Loads the model and starts the embedding threads for `index`. With `onnx` (an export directory or a
+        `vlm.onnx.OnnxCLIP`), queries are embedded by onnxruntime and the torch model is never loaded."""
+        embed_texts, embed_images, transform = _onnx_embedders(index, onnx) if onnx is not None else _embedders(index)
         batching = {"window_ms": config.batch_window_ms, "max_batch": config.max_batch}
         return cls(
             index=index,
             config=config,
             model_name=model_name,
-            batcher=MicroBatcher(lambda texts: embed_texts(model, texts).numpy(), **batching),
-            image_batcher=MicroBatcher(lambda images: _embed_image_batch(model, images), **batching),
+            batcher=MicroBatcher(embed_texts, **batching),
+            image_batcher=MicroBatcher(embed_images, **batching),
             guard=FileGuard(index, config.roots),
             thumbnails=ThumbnailCache(config.thumbnail_size),
             fields=_filter_fields(index, config.filter_fields),
-            transform=image_transform(model),
+            transform=transform,
             allowed_hosts=frozenset(h.lower().strip("[]") for h in config.allowed_hosts),
         )
+
+
+# Texts -> (n, E) embeddings, preprocessed images -> (n, E), and the preprocessing of one PIL image.
+_Embedders = tuple[Callable[[list[str]], np.ndarray], Callable[[list[Any]], np.ndarray], Callable[[Any], Any]]
+
+
+def _embedders(index: SearchIndex) -> _Embedders:
+    model = index.model  # load once, at start-up, not on the first request
+    from vlm.embed import embed_texts
+    from vlm.transforms import image_transform
+
+    return (
+        lambda texts: embed_texts(model, texts).numpy(),
+        lambda images: _embed_image_batch(model, images),
+        image_transform(model),
+    )
+
+
+def _onnx_embedders(index: SearchIndex, onnx: str | os.PathLike | Any) -> _Embedders:
+    """The embedders of an ONNX export of the index's model; ValueError when it exports another model."""
+    from vlm.onnx import OnnxCLIP
+
+    runtime = onnx if isinstance(onnx, OnnxCLIP) else OnnxCLIP(onnx)
+    if runtime.fingerprint != index.fingerprint:
+        recorded = index.manifest.model.get("source") or "?"
+        raise ValueError(
+            f"the ONNX export {runtime.directory} is of model fingerprint {runtime.fingerprint}, but "
+            f"{index.store.path} was built with model {recorded} (fingerprint {index.fingerprint}): its queries "
+            "would not be comparable; export the model that built the index (vlm export onnx MODEL --out DIR), "
+            "or serve without --onnx"
+        )
+    return runtime.encode_text, lambda images: runtime.encode_image(np.stack(images)), runtime.preprocess
 
 
 def _filter_fields(index: SearchIndex, names: Sequence[str] | None, limit: int = 50) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "index": ("retrieval.cli:index_main", "build and update image-text search indexes"),
     "search": ("retrieval.cli:search_main", "query a search index by text or image"),
     "serve": ("retrieval.service:serve_main", "serve a search index over HTTP with a web page"),
+    "export": ("vlm.cli.export:export_main", "write a model as ONNX, a transformers or an open_clip directory"),
     "demo": ("demo.run:main", "the main job on handwritten digits: train, zero-shot, fine-tune, search, report"),
 }
 

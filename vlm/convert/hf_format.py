@@ -203,7 +203,8 @@ def _vision_config(vc: Any, family: str, pre: dict[str, Any]) -> VisionConfig:
         image_mean=tuple(pre.get("image_mean") or ((0.5,) * 3 if siglip else OPENAI_MEAN)),
         image_std=tuple(pre.get("image_std") or ((0.5,) * 3 if siglip else OPENAI_STD)),
         interpolation={2: "bilinear", 3: "bicubic"}.get(resample, "bicubic"),
-        resize_mode="squash" if siglip or "height" in size else "shortest",
+        # SigLIP's processors squash; a SigLIP model written with CLIP's processor (shortest_edge) crops.
+        resize_mode="squash" if "height" in size or (siglip and "shortest_edge" not in size) else "shortest",
         class_token=not siglip,
         patch_bias=siglip,
         norm_pre=not siglip,

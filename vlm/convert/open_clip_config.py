@@ -61,15 +61,17 @@ def config_from_open_clip(oc_model: nn.Module, model_cfg: Mapping[str, Any] | No
     vision = _timm_vision_config(visual) if hasattr(visual, "trunk") else _vit_vision_config(visual)
     text = _text_config(oc_model, None if model_cfg is None else model_cfg.get("text_cfg") or {})
     # The initial values only matter for training from scratch; the module's current values are
-    # trained weights, so the config records open_clip's defaults (CLIP's, or SigLIP's with a bias).
+    # trained weights, so the config records the model config's, else open_clip's defaults (CLIP's, or
+    # SigLIP's with a bias).
     sigmoid = getattr(oc_model, "logit_bias", None) is not None
     embed_dim = _embed_dim(oc_model, vision)
+    init = model_cfg or {}
     return CLIPConfig(
         embed_dim=embed_dim,
         vision=vision,
         text=text,
-        init_logit_scale=math.log(10.0) if sigmoid else CLIPConfig.init_logit_scale,
-        init_logit_bias=-10.0 if sigmoid else None,
+        init_logit_scale=float(init.get("init_logit_scale", math.log(10.0) if sigmoid else CLIPConfig.init_logit_scale)),
+        init_logit_bias=float(init.get("init_logit_bias", -10.0)) if sigmoid else None,
     )
 
 
