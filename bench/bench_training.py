@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_training.py [--model small] [--batch 128] [--steps 5]
                                              [--loss-batch 16384] [--embed-dim 512]
+                                             [--only {steps,memory,patch-dropout}]
 
 1. Steps per second of `training.loop.train_step` (accelerate, AdamW, grad clipping, temperature
    clamp, LR schedule) against an open_clip training step on the same architecture and weights
@@ -16,11 +17,17 @@
    itself needed at its peak: the similarity matrix, the softmax and their gradients (glibc returns
    blocks this large to the kernel when they are freed, so they are not hidden by a cache).
    Target: >= 8x less than unchunked. Linux only.
+3. Patch dropout (`model.patch_dropout`, FLIP): the time of one `train_step` at patch dropout 0.5
+   against 0 on `--dropout-model` (ViT-B-16) at `--dropout-batch` (a CPU's batch), the same run and
+   weights switched between the two in interleaved rounds (best of `--steps` each). Target: >= 1.6x.
+   Then the quick digits run (training/configs/digits_tiny.yaml, 100 steps) twice, without and with
+   patch dropout 0.5, same seed and steps: held-out zero-shot top-1. Target: within 1 point.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,15 +36,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import print_table  # noqa: E402
+from common import interleaved_best_times, print_table  # noqa: E402
 
 import vlm  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ("a handwritten seven", "the digit {}", "a photo of a cat on a sofa", "a scan of the number {}, by hand")
 
 
@@ -49,8 +58,8 @@ def _batch(model: vlm.CLIP, n: int):
     return images, texts
 
 
-def _vlm_step(args):
-    """A prepared run and a callable doing one of its training steps."""
+def _vlm_step(args, model: str | None = None, batch: int | None = None):
+    """A prepared run and a callable doing one of its training steps (`args.model`, `args.batch` unless given)."""
     from training.checkpointing import TrainerState
     from training.config import load_config
     from training.data import PairBatch, Position
@@ -61,14 +70,14 @@ def _vlm_step(args):
         None,
         [
             f"output_dir={out}",
-            f"model.name={args.model}",
+            f"model.name={model or args.model}",
             "logging.progress=false",
             f"schedule.steps={10**6}",
             "schedule.warmup_steps=10",
         ],
     )
     run = prepare(config)
-    images, texts = _batch(run.clip, args.batch)
+    images, texts = _batch(run.clip, batch or args.batch)
     batch = PairBatch(images, texts, [], Position())
     state = TrainerState()
     return run, lambda: train_step(run, batch, state)
@@ -208,6 +217,66 @@ def bench_loss_memory(args) -> None:
     print(f"unchunked / chunked loss memory: {ratio:.1f}x (target >= 8x)")
 
 
+# ---- patch dropout -------------------------------------------------------------------------------
+def bench_patch_dropout_speed(args) -> None:
+    run, step = _vlm_step(args, args.dropout_model, args.dropout_batch)
+    visual = run.clip.visual
+    configs = {p: dataclasses.replace(visual.config, patch_dropout=p) for p in (0.0, 0.5)}
+
+    def at(p):
+        def one_step():
+            visual.config = configs[p]  # the tower reads its dropout at each call: one model, one optimiser
+            return step()
+
+        return one_step
+
+    best = interleaved_best_times({p: at(p) for p in configs}, rounds=args.steps)
+    ratio = best[0.0] / best[0.5]
+    rows = [(f"{p:g}", f"{best[p] * 1000:.0f}", f"{best[0.0] / best[p]:.2f}") for p in configs]
+    print_table(
+        f"train_step with patch dropout, preset {args.dropout_model}, batch {args.dropout_batch}, fp32",
+        rows,
+        ("patch dropout", "best ms/step", "speed-up"),
+    )
+    print(f"patch dropout 0.5 / none step rate: {ratio:.2f}x (target >= 1.6x)")
+
+
+def _digits_top1(data, folder, extra: list[str]) -> tuple[float, float]:
+    """The quick digits run's held-out zero-shot top-1 and its training seconds."""
+    from training.config import load_config
+    from training.loop import train
+
+    overrides = [f"output_dir={folder}", f"data.train={data.train.table}", f"eval.zeroshot={data.test.table}"]
+    torch.manual_seed(0)
+    result = train(load_config(ROOT / "training" / "configs" / "digits_tiny.yaml", overrides + extra))
+    return result.metrics["zeroshot_top1"], result.seconds
+
+
+def bench_patch_dropout_accuracy(args) -> None:
+    from demo.sample_data import write_digits
+
+    # One thread, as the tests' digits run: the tiny model gains little from two on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_patch_dropout_") as tmp:
+            data = write_digits(os.path.join(tmp, "digits"))
+            runs = {
+                p: _digits_top1(data, os.path.join(tmp, f"run_{p}"), [f"model.patch_dropout={p}"]) for p in (0.0, 0.5)
+            }
+    finally:
+        torch.set_num_threads(threads)
+    rows = [(f"{p:g}", f"{100 * top1:.1f}%", f"{seconds:.0f}") for p, (top1, seconds) in runs.items()]
+    title = "quick digits run (tiny preset, 100 steps): held-out zero-shot top-1"
+    print_table(title, rows, ("patch dropout", "top-1", "train s"))
+    gap = 100 * (runs[0.0][0] - runs[0.5][0])
+    print(f"top-1 without - with patch dropout 0.5: {gap:+.1f} points (target within 1 point)")
+
+
+def _wanted(args, section: str, skipped: bool) -> bool:
+    return args.only == section if args.only else not skipped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small")
@@ -217,11 +286,18 @@ def main() -> None:
     parser.add_argument("--embed-dim", type=int, default=512)
     parser.add_argument("--skip-steps", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-patch-dropout", action="store_true")
+    parser.add_argument("--only", choices=("steps", "memory", "patch-dropout"), help="run this section alone")
+    parser.add_argument("--dropout-model", default="ViT-B-16")
+    parser.add_argument("--dropout-batch", type=int, default=8)
     args = parser.parse_args()
-    if not args.skip_steps:
+    if _wanted(args, "steps", args.skip_steps):
         bench_steps(args)
-    if not args.skip_memory:
+    if _wanted(args, "memory", args.skip_memory):
         bench_loss_memory(args)
+    if _wanted(args, "patch-dropout", args.skip_patch_dropout):
+        bench_patch_dropout_speed(args)
+        bench_patch_dropout_accuracy(args)
 
 
 if __name__ == "__main__":

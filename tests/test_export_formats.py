@@ -269,14 +269,16 @@ def test_open_clip_refuses_a_timm_tower_it_cannot_name(tmp_path):
 @pytest.mark.slow
 def test_open_clip_local_dir_with_a_timm_siglip_trunk(tmp_path, images, layouts):
     """A SigLIP 2 B/32 image tower (open_clip builds it as timm's vit_base_patch32_siglip_256) with a small text
-    tower: open_clip's loader builds the trunk by name and gives vlm's embeddings."""
+    tower: open_clip's loader builds the trunk by name and gives vlm's embeddings. Its training-only patch
+    dropout does not hide the trunk's name and is written for open_clip's trainer."""
     import open_clip
 
     text = dict(width=64, depth=2, num_heads=4, tokenizer=str(layouts["siglip2-google"]), vocab_size=1200, pad_id=0)
-    model = _model(vlm.get_preset("ViT-B-32-SigLIP2-256").replace(text=text))
+    model = _model(vlm.get_preset("ViT-B-32-SigLIP2-256").replace(text=text, vision={"patch_dropout": 0.5}))
     folder = save_open_clip(model, tmp_path / "oc")
     cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
     assert cfg["vision_cfg"]["timm_model_name"] == "vit_base_patch32_siglip_256"
+    assert cfg["vision_cfg"]["patch_dropout"] == 0.5
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     oc.eval()
     pixels = torch.stack([preprocess(image) for image in images.values()])

@@ -103,28 +103,32 @@ def test_full_finetune_trains_and_leaves_the_model_alone(model, train_images):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def test_resume_is_exact(model, train_images, tmp_path, monkeypatch):
+def finetune_killed_after(step: int, monkeypatch, *args, **kwargs) -> None:
+    """`finetune(*args, **kwargs)` killed (KeyboardInterrupt) right after it wrote the checkpoint of `step`."""
     import training.finetune_loop as loop
 
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_dir, state, *rest):
+        path = save(accelerator, run_dir, state, *rest)
+        if state.step == step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(*args, **kwargs)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+
+
+def test_resume_is_exact(model, train_images, tmp_path, monkeypatch):
     # EMA, augmentation, mixup and cutmix on: their state (the EMA weights, the draws) must survive too.
     config = _config(
         "recipe.mode=full", "recipe.epochs=3", "optim.lr=1e-3", "recipe.batch_size=8", "recipe.warmup_steps=2",
         "recipe.ema_decay=0.9", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "augment.affine=true",
     )  # fmt: skip
     reference = finetune(model, train_images, config)
-
-    save = loop.save_checkpoint
-
-    def save_then_die(accelerator, run_dir, state, *args):
-        path = save(accelerator, run_dir, state, *args)
-        if state.step == 3:
-            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(model, train_images, config, run_dir=tmp_path)
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    finetune_killed_after(3, monkeypatch, model, train_images, config, run_dir=tmp_path)  # after the first epoch
     # The checkpoint format of `vlm train`: a step directory with the resolved config, and the EMA,
     # shuffling generator and losses as plain tensors.
     (checkpoint,) = (tmp_path / "checkpoints").iterdir()

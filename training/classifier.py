@@ -111,6 +111,10 @@ class ImageClassifier(nn.Module):
 
         directory = Path(directory)
         meta_path = directory / META_FILE
+        if not meta_path.is_file() and (directory / "lora_adapter.json").is_file():
+            from .lora import load_lora_classifier  # `vlm finetune --mode lora` without --merge
+
+            return load_lora_classifier(directory)
         if not meta_path.is_file():
             raise FileNotFoundError(
                 f"{directory} holds no {META_FILE}; give a directory written by `vlm finetune` "

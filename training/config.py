@@ -20,6 +20,7 @@ from vlm.overflow import OVERFLOW_POLICIES
 
 # close_match and setting_errors: re-exported, the helpers of every user of the training config.
 from .config_checks import (
+    check_sources,
     _choice,
     _default,
     _in_range,
@@ -29,9 +30,12 @@ from .config_checks import (
     close_match,
     setting_errors,
 )
+from .distill_config import DistillConfig
+from .lora import LoraConfig
 
 __all__ = [
     "DataConfig",
+    "SourceConfig",
     "ModelConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -51,6 +55,19 @@ __all__ = [
 DATA_FORMATS = ("auto", "csv", "tsv", "jsonl", "json", "parquet", "list", "hf", "imagefolder", "webdataset")
 LOSSES = ("clip", "siglip")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+# (tower, its lock switch, the options that need it)
+LOCK_KEYS = (
+    ("image", "lock_image", ("unlocked_blocks", "lock_image_freeze_norms")),
+    ("text", "lock_text", ("lock_text_unlocked_blocks", "lock_text_freeze_norms")),
+)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One of several training sources mixed by weight (`data.sources`), checked by `DataConfig`."""
+
+    train: str = ""  # any spec data.train takes, except tar shards
+    weight: float = 1.0  # relative; a small source of large weight is repeated as often as that takes
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,9 @@ class DataConfig:
     # Face dataset (hf:NAME_OR_DIR, a saved directory, or an imagefolder directory with a metadata file)
     # or tar shards ("shards/{00000..00009}.tar", a glob). Read by `vlm.data`, like every verb's data.
     train: str = ""
+    # Instead of `train`: several sources sampled by weight, e.g. [{train: a.csv, weight: 3},
+    # {train: hf:b, weight: 1}] (`training.mixing`); format, columns, image_root and split apply to each.
+    sources: tuple[SourceConfig, ...] = ()
     format: str = "auto"
     # None picks the first of the usual names (`vlm.data.columns`): image/img/path/... and the image
     # feature of a Hugging Face dataset, jpg/png/... in tar shards; caption/text/txt/title/...
@@ -104,6 +124,7 @@ class DataConfig:
         _positives(self, "data", ("batch_size", "shuffle_buffer", "skip_window"))
         _positives(self, "data", ("num_workers", "sample_timeout", "show_failures", "max_skipped_steps"), zero_ok=True)
         _in_range(self, "data", "max_skipped_fraction", 0, 1)
+        check_sources(self.sources, self.train, SourceConfig)
 
 
 @dataclass(frozen=True)
@@ -117,21 +138,33 @@ class ModelConfig:
     # CLIPConfig changes for a preset, e.g. {"embed_dim": 64, "vision": {"patch_size": 8}}.
     overrides: dict[str, Any] = field(default_factory=dict)
     # LiT: freeze the image tower; its last `unlocked_blocks` blocks (with the final norm and
-    # projection) stay trainable.
+    # projection) stay trainable; with lock_image_freeze_norms false its LayerNorms train too.
     lock_image: bool = False
     unlocked_blocks: int = 0
+    lock_image_freeze_norms: bool = True
+    # SigLiT-style: the same rule for the text tower (its embeddings stay frozen).
+    lock_text: bool = False
+    lock_text_unlocked_blocks: int = 0
+    lock_text_freeze_norms: bool = True
     grad_checkpointing: bool = False
     compile: bool = False
+    # FLIP patch dropout for any model (VisionConfig.patch_dropout): the share of patch tokens each image
+    # drops in training steps; 0.5 trains about twice as fast. 0 keeps the model's own setting.
+    patch_dropout: float = 0.0
+    lora: LoraConfig = field(default_factory=LoraConfig)  # enabled: adapters on both towers (training.lora)
 
     def __post_init__(self) -> None:
+        _in_range(self, "model", "patch_dropout", 0, 1, high_open=True)
         if not self.name:
             raise ValueError("model.name is empty; give a preset name (see `vlm presets`) or a model directory")
-        _positives(self, "model", ("unlocked_blocks",), zero_ok=True)
-        if self.unlocked_blocks and not self.lock_image:
-            raise ValueError(
-                f"model.unlocked_blocks={self.unlocked_blocks} only applies to a locked image tower; "
-                "set model.lock_image=true or drop model.unlocked_blocks"
-            )
+        _positives(self, "model", ("unlocked_blocks", "lock_text_unlocked_blocks"), zero_ok=True)
+        for tower, lock, keys in LOCK_KEYS:
+            changed = [k for k in keys if getattr(self, k) != _default(ModelConfig, k)]
+            if changed and not getattr(self, lock):
+                raise ValueError(
+                    f"model.{changed[0]}={getattr(self, changed[0])!r} only applies to a locked {tower} tower; "
+                    f"set model.{lock}=true or drop model.{changed[0]}"
+                )
         if self.overrides:
             check_model_overrides(self.name, self.overrides)
 
@@ -279,6 +312,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # training.distill
 
     def __post_init__(self) -> None:
         _choice("", "mixed_precision", self.mixed_precision, PRECISIONS)

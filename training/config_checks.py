@@ -13,7 +13,7 @@ import typing
 from dataclasses import fields
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-__all__ = ["close_match", "check_batch_split", "check_model_overrides", "setting_errors"]
+__all__ = ["close_match", "check_batch_split", "check_model_overrides", "check_sources", "setting_errors"]
 
 
 def close_match(name: Any, choices: Iterable[str]) -> str:
@@ -139,3 +139,17 @@ def setting_errors(key: str, value: Any) -> Iterator[None]:
         if renamed is None or str(renamed) != message:
             renamed = next(k for k in (FileNotFoundError, TypeError, ValueError) if isinstance(err, k))(message)
         raise renamed from err
+
+
+def check_sources(sources: Sequence[Any], train: str, source_type: type) -> None:
+    """data.sources: each entry a `source_type` (SourceConfig) with a positive weight, and not together with
+    data.train (`train`)."""
+    if sources and train:
+        raise ValueError(f"data.train ({train}) and data.sources are both set; give one of them, not both")
+    for i, entry in enumerate(sources):
+        key = f"data.sources[{i}]"
+        if not isinstance(entry, source_type):
+            raise TypeError(f"{key} is {entry!r}; write it as {{train: SPEC, weight: NUMBER}}")
+        if not entry.train:
+            raise ValueError(f"{key}.train is empty; give a table, hf:NAME_OR_DIR or a dataset directory")
+        _positives(entry, key, ("weight",))

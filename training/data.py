@@ -69,6 +69,9 @@ class SampleKey:
     step: int
     index: int  # position in the source (indexable) or in the epoch's stream
     record: Record | None = None
+    # In a mix (`training.mixing`): passes through its source before this draw, so that a repeated
+    # row gets a fresh augmentation.
+    repeat: int = 0
 
 
 @dataclass
@@ -116,9 +119,11 @@ class _deadline:
         raise _SampleTimeout
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed seed for one sample's augmentation."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
+    """A well-mixed seed for one sample's augmentation (the seeds of single-source runs, `repeat` 0, are
+    those of earlier versions, so their runs resume unchanged)."""
+    entropy = [seed, epoch, index] + ([repeat] if repeat else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 @dataclass
@@ -149,7 +154,7 @@ class PairDataset(Dataset):
         try:
             with _deadline(self.timeout), torch.random.fork_rng(devices=[]):
                 # The CPU generator only: torch.manual_seed would also queue a (costly) CUDA seeding.
-                torch.default_generator.manual_seed(sample_seed(self.seed, key.epoch, key.index))
+                torch.default_generator.manual_seed(sample_seed(self.seed, key.epoch, key.index, key.repeat))
                 image = self.transform(load_image(record.image))
         except _SampleTimeout:
             reason = f"took longer than {self.timeout:g} s to load (data.sample_timeout)"
@@ -305,11 +310,13 @@ def build_loader(
     sample_timeout: float = 0.0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader of `PairBatch`es for this process, starting at `start`, running for ever; captions are
-    tokenized with `tokenizer` (the model's: `caption_tokenizer(model, config.data.text_overflow)`)."""
-    sampler = PairBatchSampler(
-        source, local_batch=local_batch, rank=rank, world_size=world_size, seed=seed, start=start
-    )
+    """A DataLoader of `PairBatch`es for this process, starting at `start`, running for ever (a
+    `training.mixing.MixedSource` is drawn from per its weights); captions are tokenized with
+    `tokenizer` (the model's: `caption_tokenizer(model, config.data.text_overflow)`)."""
+    from .mixing import MixedBatchSampler, MixedSource  # mixing builds on this module's keys
+
+    kind = MixedBatchSampler if isinstance(source, MixedSource) else PairBatchSampler
+    sampler = kind(source, local_batch=local_batch, rank=rank, world_size=world_size, seed=seed, start=start)
     dataset = PairDataset(
         source if isinstance(source, MapSource) else None, transform, seed=seed, timeout=sample_timeout
     )

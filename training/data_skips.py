@@ -47,6 +47,13 @@ def _gather_failures(local: list[Failure]) -> list[Failure]:
     return [f for part in parts for f in part or []]
 
 
+def _train_setting(data: DataConfig) -> str:
+    """The setting that names the training data: data.train, or the sources of a mixed run."""
+    if data.sources:
+        return "data.sources (" + ", ".join(str(source.train) for source in data.sources) + ")"
+    return f"data.train ({data.train})"
+
+
 def _image_root_hint(data: DataConfig) -> str:
     if data.image_root:
         return f"data.image_root (now {data.image_root}: relative image paths of a table resolve against it)"
@@ -107,8 +114,8 @@ class SkipBudget:
         named = describe_failures(_gather_failures(self.first), self.skipped)
         raise UnreadableDataError(
             f"the training data is mostly unreadable at step {step}: {reason}. The first unreadable samples: "
-            f"{named}. Check {_image_root_hint(self.data)}, data.image_column and the files of data.train "
-            f"({self.data.train}). The run stopped without saving a final model; data.max_skipped_steps "
+            f"{named}. Check {_image_root_hint(self.data)}, data.image_column and the files of "
+            f"{_train_setting(self.data)}. The run stopped without saving a final model; data.max_skipped_steps "
             "(0: off) and data.max_skipped_fraction (1: off) set how much skipping is tolerated"
         )
 

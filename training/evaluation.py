@@ -15,6 +15,7 @@ from vlm.metrics import positives_from_ids, retrieval_recall, topk_accuracy
 from vlm.model import CLIP
 
 from .config import TrainConfig, setting_errors
+from .remote import is_remote
 from .sources import open_pairs, open_source
 
 __all__ = [
@@ -61,10 +62,10 @@ class EvalSets:
 
 def _zeroshot_set(config: TrainConfig) -> ZeroShotSet:
     """The labelled set `eval.zeroshot` names: tar shards (labels from an integer .cls or the label
-    column), or anything `vlm.data.open_labelled` reads; labels by `vlm.data.label_ids`' one rule."""
+    column), a table at an fsspec URL, or anything `vlm.data.open_labelled` reads; labels by `vlm.data.label_ids`' one rule."""
     ev, data = config.eval, config.data
     class_names = ev.classnames or None
-    if is_tar_spec(ev.zeroshot):
+    if is_tar_spec(ev.zeroshot) or is_remote(ev.zeroshot):  # read by training's sources, not vlm's data layer
         source = open_source(ev.zeroshot, image_column=data.image_column, label_column=ev.label_column,
                              need_text=False, need_label=True)  # fmt: skip
         records = source.records(ev.max_samples)

@@ -49,6 +49,8 @@ class FinetuneResult:
 
     classifier: ImageClassifier
     losses: list[float]
+    # recipe.mode=lora: the trained adapter and head weights (`training.lora`); None in other modes.
+    adapters: dict[str, Tensor] | None = None
 
 
 def finetune(
@@ -64,6 +66,10 @@ def finetune(
     run_dir = Path(run_dir) if run_dir is not None else None
     if config.recipe.mode == "flyp":
         return _finetune_flyp(model, train, config, run_dir)
+    if config.recipe.mode == "lora":
+        from .lora import finetune_lora
+
+        return finetune_lora(model, train, config, run_dir)
     classifier = ImageClassifier.from_clip(model, train.class_names)
     _init_head(classifier, model, train, config.recipe)
     if config.recipe.mode == "linear-probe":

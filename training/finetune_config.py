@@ -14,6 +14,7 @@ from typing import Sequence
 
 from .config import PRECISIONS, LoggingConfig, OptimConfig, load_config
 from .config_checks import _choice, _in_range, _positive, _positives
+from .lora import LoraConfig
 
 __all__ = [
     "MODES",
@@ -30,7 +31,7 @@ __all__ = [
     "load_finetune_config",
 ]
 
-MODES = ("linear-probe", "full", "lp-ft", "flyp")
+MODES = ("linear-probe", "full", "lp-ft", "flyp", "lora")
 HEAD_INITS = ("zeroshot", "probe", "random")
 RESUME_HELP = "'auto' (the latest checkpoint of output_dir), 'never', or a checkpoints/step_* directory"
 DEFAULT_SWEEP = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -47,6 +48,8 @@ class FinetuneModelConfig:
     # Train only the last N blocks of the image tower, with the modules that read them (final norm,
     # pooling, projection): the rule of `vlm train`'s model.lock_image. None: every block trains.
     unlocked_blocks: int | None = None
+    # The adapters of recipe.mode=lora (`training.lora`).
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.unlocked_blocks is not None:
@@ -213,6 +216,11 @@ class FinetuneConfig:
         _choice("", "mixed_precision", self.mixed_precision, PRECISIONS)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}; set e.g. seed=0")
+        if self.recipe.mode == "lora" and self.wise_ft.alpha != 1 and not self.model.lora.merge:
+            raise ValueError(
+                f"wise_ft.alpha={self.wise_ft.alpha!r} with recipe.mode=lora mixes full weights, which the saved "
+                "adapters cannot hold; set model.lora.merge=true (--merge) to save the mixed classifier"
+            )
 
 
 def load_finetune_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:

@@ -109,7 +109,15 @@ def run_finetune(config: FinetuneConfig) -> FinetuneReport | None:
         finetuned={"test": evaluate_classifier(chosen, test), "shifted": evaluate_classifier(chosen, shifted)},
         sweep=points, skipped_images=train.failures.count + test.failures.count, losses=result.losses,
     )  # fmt: skip
-    _save(report, chosen, _model_card(config, report, train_spec, test_spec))
+    if result.adapters is not None:
+        from .lora import save_lora_adapter
+
+        save_lora_adapter(
+            output, result.adapters, config.model.lora, resolve_model(config.model.name), train.class_names,
+            chosen.image_size, config.model.pretrained,
+        )
+    full = result.adapters is None or config.model.lora.merge  # LoRA: the adapters alone unless merged
+    _save(report, chosen, _model_card(config, report, train_spec, test_spec), full=full)
     return report
 
 
@@ -177,11 +185,12 @@ def _decoded(config: FinetuneConfig, model_config, key: str, spec: str, split: s
     return images
 
 
-def _save(report: FinetuneReport, chosen: ImageClassifier, card: ModelCard) -> None:
+def _save(report: FinetuneReport, chosen: ImageClassifier, card: ModelCard, *, full: bool = True) -> None:
     from .plots import plot_wise_ft_sweep
 
-    chosen.save_pretrained(report.output_dir)
-    write_model_card(report.output_dir, chosen, fmt="vlm", card=card)
+    if full:
+        chosen.save_pretrained(report.output_dir)
+        write_model_card(report.output_dir, chosen, fmt="vlm", card=card)
     plot_wise_ft_sweep(report.sweep, report.output_dir / "sweep.png")
     atomic_write_text(report.output_dir / "metrics.json", json.dumps(report.to_dict(), indent=2))
     logger.info("classifier (WiSE-FT %g) saved to %s", report.wise_ft, report.output_dir)

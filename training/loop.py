@@ -25,10 +25,14 @@ from .checkpointing import save_checkpoint as _save_checkpoint
 from .config import ModelConfig, TrainConfig, check_batch_split, config_to_dict, write_config
 from .data import PairBatch, Position, build_loader, caption_tokenizer, report_truncated
 from .data_skips import SkipBudget
+from .distill import distill_loss_and_gradients, load_teacher, teacher_batches
 from .distributed import all_reduce_sums, make_accelerator, resolve_mixed_precision
 from .evaluation import EvalSets, load_eval_sets, retrieval_metrics, zeroshot_metrics
 from .grad_cache import loss_and_gradients
-from .optim import build_optimizer, build_scheduler, clamp_logit_scale, lock_image_tower
+from .lora import apply_lora, save_run_adapters
+from .mixing import log_shares, share_metrics
+from .optim import build_optimizer, build_scheduler, clamp_logit_scale, lock_tower
+from .remote import pull_checkpoint, push_checkpoint, push_outputs, staging_dir
 from .run_log import MetricsLog, read_metrics
 from .sources import MapSource, open_pairs
 
@@ -62,6 +66,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     run_dir: Path
+    teacher: object = None  # training.distill's OnlineTeacher or OfflineTeacher, with distill.*
 
     @property
     def clip(self) -> CLIP:
@@ -110,9 +115,17 @@ def build_model(config: ModelConfig) -> CLIP:
     else:
         model = load(config.name, pretrained=config.pretrained)
     if config.lock_image:
-        lock_image_tower(model, config.unlocked_blocks)
+        lock_tower(model, "image", config.unlocked_blocks, freeze_norms=config.lock_image_freeze_norms)
+    if config.lock_text:
+        lock_tower(model, "text", config.lock_text_unlocked_blocks, freeze_norms=config.lock_text_freeze_norms)
+    if config.lora.enabled:
+        apply_lora(model, config.lora, ("visual", "text"))
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if config.patch_dropout:
+        # In the model's config, so the saved model records it as open_clip's vision_cfg does.
+        model.config = model.config.replace(vision={"patch_dropout": config.patch_dropout})
+        model.visual.config = model.config.vision
     return model
 
 
@@ -124,12 +137,14 @@ def prepare(config: TrainConfig) -> Run:
     accelerator = make_accelerator(config.mixed_precision)
     set_seed(config.seed)
     model = build_model(config.model)
+    teacher = load_teacher(config, model.config, accelerator.device)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.schedule)
     if config.model.compile:
         model = torch.compile(model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    return Run(config, accelerator, model, optimizer, scheduler, Path(config.output_dir))
+    # A remote output_dir: the run works in a local staging folder, uploaded by `training.remote`.
+    return Run(config, accelerator, model, optimizer, scheduler, staging_dir(config.output_dir), teacher)
 
 
 def open_run_dir(run: Run) -> None:
@@ -143,6 +158,9 @@ def open_run_dir(run: Run) -> None:
 
 def restore(run: Run) -> TrainerState:
     """The progress to continue from: a checkpoint (per `checkpoint.resume`) or a fresh start."""
+    if run.accelerator.is_local_main_process:  # with resume=never too, so that it sees remote checkpoints
+        pull_checkpoint(run.config.output_dir, run.run_dir)  # a remote run resumed on another machine
+    run.accelerator.wait_for_everyone()
     path = checkpoint_to_resume(run.run_dir, run.config.checkpoint.resume)
     if path is None:
         return TrainerState(positions=[Position()] * run.accelerator.num_processes)
@@ -211,7 +229,7 @@ def training_batches(run: Run, state: TrainerState) -> Iterator[PairBatch]:
         sample_timeout=data.sample_timeout,
         pin_memory=acc.device.type == "cuda",
     )
-    return iter(loader)
+    return teacher_batches(run.teacher, source, loader)
 
 
 # ---- the step ------------------------------------------------------------------------------------
@@ -252,7 +270,10 @@ def train_step(run: Run, batch: PairBatch, state: TrainerState) -> StepOutput:
     else:
         images = batch.images.to(acc.device, non_blocking=True)
         texts = batch.texts.to(acc.device, non_blocking=True)
-        result = loss_and_gradients(run.model, images, texts, run.config.loss, acc)
+        if run.teacher is None:
+            result = loss_and_gradients(run.model, images, texts, run.config.loss, acc)
+        else:
+            result = distill_loss_and_gradients(run.model, run.teacher, batch, images, texts, run.config, acc)
         out.loss = result.value
         if result.finite:
             state.nonfinite_streak = 0
@@ -298,7 +319,11 @@ def save_checkpoint(run: Run, state: TrainerState, batch: PairBatch) -> Path:
     from accelerate.utils import gather_object
 
     state.positions = gather_object([batch.position])
-    return _save_checkpoint(run.accelerator, run.run_dir, state, run.config)
+    path = _save_checkpoint(run.accelerator, run.run_dir, state, run.config)
+    if run.accelerator.is_main_process:
+        push_checkpoint(run.config.output_dir, run.run_dir, path, run.config.checkpoint.keep)
+    run.accelerator.wait_for_everyone()
+    return path
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -349,6 +374,7 @@ def train(config: TrainConfig) -> TrainResult:
     model_dir = _finish(run, state, log, metrics)
     if acc.is_main_process:
         report_truncated(truncated)
+        log_shares(config.data, state.step)
     return TrainResult(
         run.run_dir,
         model_dir,
@@ -390,6 +416,7 @@ def _log_step(run: Run, log: MetricsLog, state: TrainerState, out: StepOutput, s
             "samples_per_s": out.samples / max(seconds, 1e-9),
             "samples": state.samples_seen,
             "skipped": state.skipped_samples,
+            **share_metrics(run.config.data, state.step),
         },
     )
 
@@ -398,7 +425,7 @@ def _model_card(config: TrainConfig, state: TrainerState, metrics: dict[str, flo
     """The final model's card: the run's data and settings, and the last evaluation's metrics."""
     pretrained = f"{config.model.name}:{config.model.pretrained}" if config.model.pretrained else config.model.name
     return card_for_run(
-        data=config.data.train,
+        data=config.data.train or ", ".join(f"{s.train} (weight {s.weight:g})" for s in config.data.sources),
         eval_data={ZERO_SHOT: config.eval.zeroshot, RETRIEVAL: config.data.eval},
         metrics=metrics,
         base_model=None if config.model.name in PRESETS and not config.model.pretrained else pretrained,
@@ -418,6 +445,7 @@ def _finish(run: Run, state: TrainerState, log: MetricsLog, metrics: dict[str, f
     acc = run.accelerator
     model_dir = run.run_dir / "model"
     if acc.is_main_process:
+        save_run_adapters(run.clip, run.config.model, run.run_dir, run.optimizer)  # LoRA: merges the adapters, in place
         save_pretrained(run.clip, model_dir, card=_model_card(run.config, state, metrics))
         if state.skipped_samples:
             total = state.samples_seen + state.skipped_samples
@@ -430,5 +458,6 @@ def _finish(run: Run, state: TrainerState, log: MetricsLog, metrics: dict[str, f
 
             plot_curves(read_metrics(log.path), run.run_dir / "curves.png", title=str(run.run_dir))
         logger.info("model saved to %s", model_dir)
+        push_outputs(run.config.output_dir, run.run_dir)
     acc.wait_for_everyone()
     return model_dir

@@ -24,7 +24,7 @@ from vlm.model import CLIPOutput
 
 from .distributed import gather_with_grad
 
-__all__ = ["clip_loss", "sigmoid_loss", "contrastive_loss", "GlobalBatch", "gather_batch"]
+__all__ = ["clip_loss", "sigmoid_loss", "contrastive_loss", "distill_loss", "GlobalBatch", "gather_batch"]
 
 
 @dataclass
@@ -156,3 +156,50 @@ def contrastive_loss(output: CLIPOutput, kind: str = "clip", *, local_loss: bool
             chunk_size=chunk_size,
         )
     raise ValueError(f"unknown loss kind {kind!r}; use 'clip' or 'siglip'")
+
+
+def _soft_ce_rows(
+    q: Tensor, k: Tensor, scale: Tensor, teacher_k: Tensor, teacher_scale: Tensor, dim: int, offset: int
+) -> Tensor:
+    """Sum over rows of the cross-entropy from the teacher's row distribution to the student's.
+
+    `q` holds the student's rows (n, dim) and the teacher's (n, Et) side by side, so that one row block of
+    `_chunked_sum` slices both; `offset` is unused (no targets: the teacher's distribution is the target).
+    """
+    student = (scale * q[:, :dim] @ k.T).log_softmax(dim=1)  # (n, N)
+    teacher = (teacher_scale * q[:, dim:] @ teacher_k.T).softmax(dim=1)  # (n, N)
+    return -(teacher * student).sum()
+
+
+def distill_loss(
+    image_embeds: Tensor,
+    text_embeds: Tensor,
+    logit_scale: Tensor,
+    teacher_image_embeds: Tensor,
+    teacher_text_embeds: Tensor,
+    teacher_logit_scale: Tensor,
+    *,
+    local_loss: bool = True,
+    chunk_size: int = 0,
+) -> Tensor:
+    """open_clip's `DistillClipLoss` term over the global batch: the mean of the image-to-text and
+    text-to-image cross-entropies between the teacher's and the student's softmaxed logit rows.
+
+    Logits are compared, not embeddings, so the teacher's embedding width may differ from the student's;
+    the teacher's features carry no gradient. Process shares and chunking as in `clip_loss`.
+    """
+    g = gather_batch(image_embeds.float(), text_embeds.float())
+    t = gather_batch(teacher_image_embeds.detach().float(), teacher_text_embeds.detach().float())
+    pick = g.local if local_loss else (lambda x: x)
+    scales = (logit_scale.float(), teacher_logit_scale.float())
+    total = g.image_embeds.new_zeros(())
+    directions = (
+        (g.image_embeds, t.image_embeds, g.text_embeds, t.text_embeds),  # image -> text
+        (g.text_embeds, t.text_embeds, g.image_embeds, t.image_embeds),  # text -> image
+    )
+    for q, tq, k, tk in directions:
+        rows = torch.cat([pick(q), pick(tq)], dim=1)  # (n, E + Et)
+        total = total + _chunked_sum(
+            _soft_ce_rows, rows, k, scales[0], tk, scales[1], q.shape[1], offset=0, chunk_size=chunk_size
+        )
+    return total / (2 * g.total) * _share(g, local_loss)

@@ -326,8 +326,10 @@ def open_source(
 ) -> MapSource | StreamSource:
     """The source `spec` names (see the module docstring); columns are checked here, once."""
     if not spec:
-        raise ValueError(f"no data given: set data.train; {PAIRS_HELP}")
-    fmt = _detect_format(spec) if format == "auto" else format
+        raise ValueError(f"no data given: set data.train (or data.sources); {PAIRS_HELP}")
+    from .remote import RemoteTableSource, is_remote, local_path  # remote builds on TableSource
+
+    spec = local_path(spec)
     columns = dict(
         image_column=image_column,
         text_column=text_column,
@@ -335,6 +337,9 @@ def open_source(
         need_text=need_text,
         need_label=need_label,
     )
+    if is_remote(spec) and not is_tar_spec(spec) and format in ("auto", *TABLE_FORMATS.values(), "list"):
+        return RemoteTableSource(spec, format=format, image_root=image_root, **columns)
+    fmt = _detect_format(spec) if format == "auto" else format
     if fmt in (*TABLE_FORMATS.values(), "list"):
         return TableSource(spec, format=fmt, image_root=image_root, **columns)
     if fmt == "webdataset":
@@ -346,8 +351,31 @@ def open_source(
 def open_pairs(data: DataConfig, *, held_out: bool = False) -> MapSource | StreamSource:
     """The training pairs (`data.train`) or the held-out pairs (`data.eval`) of a config; errors name the
     setting, and an indexable source without a row is one."""
+    if data.sources and not held_out:
+        return _open_mix(data)
     spec, split = (data.eval, data.eval_split) if held_out else (data.train, data.split)
-    key = "data.eval" if held_out else "data.train"
+    return _open_pairs_at("data.eval" if held_out else "data.train", spec, split, data)
+
+
+def _open_mix(data: DataConfig) -> MapSource:
+    """data.sources as one `training.mixing.MixedSource`; each error names its entry."""
+    from .mixing import MixedSource  # mixing builds on the loader's keys, which build on this module
+
+    sources = []
+    for i, entry in enumerate(data.sources):
+        key = f"data.sources[{i}].train"
+        if is_tar_spec(entry.train) or data.format == "webdataset":
+            raise ValueError(
+                f"{key}={entry.train}: tar shards are streamed and cannot be mixed by weight (a mix resumes from its "
+                "step, which needs sources of known length); give a table or a dataset, or train on the shards "
+                "alone with data.train"
+            )
+        sources.append(_open_pairs_at(key, entry.train, data.split, data))
+    names = [entry.train for entry in data.sources]
+    return MixedSource(sources, [entry.weight for entry in data.sources], names)
+
+
+def _open_pairs_at(key: str, spec: str | None, split: str, data: DataConfig) -> MapSource | StreamSource:
     if not spec:
         return open_source(spec)  # the error of no data at all
     with setting_errors(key, spec):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import VisionConfig
-from .layers import AttentionPool, PatchEmbed, Transformer, get_act_layer, resample_pos_embed
+from .layers import AttentionPool, PatchEmbed, Transformer, drop_patches, get_act_layer, resample_pos_embed
 
 __all__ = ["VisionTower", "make_projection"]
 
@@ -68,13 +68,17 @@ class VisionTower(nn.Module):
         self.proj = make_projection(config.proj, C, embed_dim, **dd)
 
     def embed(self, images: Tensor) -> Tensor:
-        """Patch tokens, after the class token (if any) and position embeddings: (B, P + N, C)."""
+        """Patch tokens, after the class token (if any) and position embeddings: (B, P + N, C); in training
+        mode with `config.patch_dropout`, a random `patches_kept(N, patch_dropout)` of the N per image."""
         grid = self.patch_embed.grid(images)
         x = self.patch_embed(images.to(self.pos_embed.dtype))  # (B, N, C)
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + N, C)
         prefix, mode = self.config.num_prefix_tokens, self.config.pos_embed_resample
-        return self.norm_pre(x + resample_pos_embed(self.pos_embed, grid, prefix, mode))
+        x = x + resample_pos_embed(self.pos_embed, grid, prefix, mode)
+        if self.training and self.config.patch_dropout:
+            x = drop_patches(x, self.config.patch_dropout, prefix)  # (B, P + K, C)
+        return self.norm_pre(x)
 
     def _final_norm(self, x: Tensor) -> Tensor:
         return x if self.config.norm_after_pool else self.norm(x)

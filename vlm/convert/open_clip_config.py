@@ -113,6 +113,7 @@ def _vit_vision_config(visual: nn.Module) -> VisionConfig:
         pool={"tok": "token", "avg": "avg", "none": "none"}[visual.pool_type],
         norm_after_pool=bool(visual.final_ln_after_pool),
         layer_scale=_layer_scale(block.ls_1),
+        patch_dropout=float(getattr(visual.patch_dropout, "prob", 0.0)),
         **_preprocess(visual),
     )
 
@@ -143,6 +144,7 @@ def _timm_vision_config(visual: nn.Module) -> VisionConfig:
         norm_after_pool=not isinstance(trunk.fc_norm, nn.Identity),
         proj=proj,
         layer_scale=_layer_scale(block.ls1),
+        patch_dropout=float(getattr(trunk.patch_drop, "prob", 0.0)),
         **_preprocess(visual),
     )
 
@@ -244,8 +246,6 @@ def _vit_unsupported(visual: nn.Module) -> list[str]:
         found.append("an attentional pooler (CoCa)")
     if not isinstance(getattr(visual, "proj", None), nn.Parameter):
         found.append("an image tower without projection")
-    if type(visual.patch_dropout).__name__ != "Identity" and getattr(visual.patch_dropout, "prob", 0) > 0:
-        found.append("patch dropout")
     return found + _blocks_unsupported(visual.transformer.resblocks, "image")
 
 
@@ -310,6 +310,7 @@ def open_clip_vision_cfg(v: VisionConfig) -> dict[str, Any]:
         no_ln_pre=not v.norm_pre,
         pool_type={"token": "tok", "avg": "avg", "none": "none"}[v.pool],
         final_ln_after_pool=v.norm_after_pool,
+        patch_dropout=v.patch_dropout,
         act_kwargs=_act_kwargs(v.activation),
         norm_kwargs={"eps": v.norm_eps},
     )
@@ -363,6 +364,7 @@ def timm_tower(config: CLIPConfig) -> nn.Module:
         fc_norm=v.norm_after_pool,
         pre_norm=v.norm_pre,
         init_values=v.layer_scale,
+        patch_drop_rate=v.patch_dropout,
         act_layer=get_act_layer({"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}[v.activation]),
         norm_layer=partial(nn.LayerNorm, eps=v.norm_eps),
         num_classes=config.embed_dim if v.proj != "none" else 0,

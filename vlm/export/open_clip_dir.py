@@ -126,6 +126,7 @@ def _timm_vision_cfg(config: CLIPConfig) -> dict[str, Any]:
             return dict(
                 image_size=v.image_size, timm_model_name=timm_name, timm_model_pretrained=False,
                 timm_pool=_TIMM_POOL[v.pool], timm_proj=_TIMM_PROJ[v.proj], timm_proj_bias=v.proj == "linear_bias",
+                patch_dropout=v.patch_dropout,
             )
     raise ValueError(
         "open_clip builds an image tower without class token, with a patch bias or with attention pooling as a "
@@ -137,11 +138,11 @@ def _timm_vision_cfg(config: CLIPConfig) -> dict[str, Any]:
 
 
 def _architecture(vision: VisionConfig) -> VisionConfig:
-    """The tower without its preprocessing, and without the position-embedding resampling, which only
-    matters at another resolution than the one the weights are written for."""
+    """The tower without its preprocessing, without the position-embedding resampling, which only matters at
+    another resolution than the one the weights are written for, and without patch dropout (training only)."""
     return dataclasses.replace(
         vision, image_mean=(0.0,) * 3, image_std=(1.0,) * 3, interpolation="bicubic", resize_mode="shortest",
-        pos_embed_resample="bicubic",
+        pos_embed_resample="bicubic", patch_dropout=0.0,
     )
 
 
