@@ -122,11 +122,6 @@ class VisionTower(nn.Module):
         first = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
         return self.project(self.norm(self.transformer.forward_queries(x, first))[:, 0])
 
-    def head_modules(self) -> list[nn.Module]:
-        """The modules that read the last block's output (final norm, attention pooling, projection): what
-        a partly locked tower trains along with its unlocked blocks."""
-        return [m for m in (self.norm, self.attn_pool, self.proj) if m is not None]
-
     def no_weight_decay(self) -> set[str]:
         """Names of the class token, position embeddings and pooling probe, which are excluded from weight decay."""
         names = {"pos_embed"}
