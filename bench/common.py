@@ -53,3 +53,19 @@ def print_table(title: str, rows: list[tuple], header: tuple) -> None:
     print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
     for row in rows:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def open_clip_optimizer(oc, optim):
+    """open_clip_train's AdamW for the open_clip model `oc` with the settings of `optim`
+    (`training.config.OptimConfig`): no weight decay on ndim < 2, norms ("ln", "bn"), biases and logit_scale."""
+    import torch
+
+    def exclude(name: str, p) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in oc.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": optim.weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)

@@ -136,3 +136,113 @@ def test_vlm_train_with_patch_dropout(tmp_path, capsys, key):
     assert saved["vision"]["patch_dropout"] == 0.5
     model = vlm.load(tmp_path / "run" / "model").eval()
     assert model.encode_image(_images()).shape == (3, 64)
+
+
+# ---- FLIP's unmasked tuning: model.patch_dropout_unmasked_steps ---------------------------------------
+def _run_config(tmp_path, out: str, **extra):
+    from training.config import load_config
+
+    data = write_pairs(tmp_path / "data", 16)
+    overrides = {
+        "output_dir": str(tmp_path / out), "data.train": str(data), "data.batch_size": 8, "data.num_workers": 0,
+        "model.name": "tiny", "schedule.steps": 4, "schedule.warmup_steps": 1, "logging.progress": False,
+        "logging.plot": False, "checkpoint.every": 1, "model.patch_dropout": 0.5,
+        "model.patch_dropout_unmasked_steps": 2, **extra,
+    }
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train_counting_tokens(monkeypatch, config, stop_at: int | None = None) -> dict[int, list[int]]:
+    """Runs `train(config)`; returns, per step (1-based, as checkpoints count), the token counts the image
+    tower's Transformer received. With `stop_at`, the run dies as that step begins (after the checkpoint before it)."""
+    import training.loop as loop
+
+    seen: dict[int, list[int]] = {}
+    real_step = loop.train_step
+
+    def counting_step(run, batch, state):
+        if state.step + 1 == stop_at:
+            raise _Stop
+        tokens = seen.setdefault(state.step + 1, [])
+        # norm_pre sees the tokens `embed` hands the Transformer, whichever forward path runs.
+        hook = run.clip.visual.norm_pre.register_forward_hook(lambda m, args, out: tokens.append(out.shape[1]))
+        try:
+            return real_step(run, batch, state)
+        finally:
+            hook.remove()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "train_step", counting_step)
+        try:
+            loop.train(config)
+        except _Stop:
+            pass
+    return seen
+
+
+def test_unmasked_tuning_turns_dropout_off_for_the_last_steps(tmp_path, monkeypatch):
+    """4 steps, the last 2 unmasked: 1 + 8 tokens in steps 1-2, all 1 + 16 in steps 3-4; the final model
+    records the rate it was last trained with (none)."""
+    seen = _train_counting_tokens(monkeypatch, _run_config(tmp_path, "run"))
+    assert {step: set(counts) for step, counts in seen.items()} == {1: {9}, 2: {9}, 3: {17}, 4: {17}}
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["vision"]["patch_dropout"] == 0.0
+    model = vlm.load(tmp_path / "run" / "model").train()
+    assert model.visual.embed(_images()).shape[1] == 17
+
+
+@pytest.mark.parametrize("stop_at", [2, 4])
+def test_resume_on_either_side_of_the_switch_is_step_exact(tmp_path, monkeypatch, stop_at):
+    """Killed before the switch (resumes with dropout, switches at step 3) or after it (the rebuilt model
+    has dropout again and must drop it at once): the same tokens per step and the same weights as the
+    uninterrupted run."""
+    straight = _train_counting_tokens(monkeypatch, _run_config(tmp_path, "a"))
+    config = _run_config(tmp_path, "b")
+    first = _train_counting_tokens(monkeypatch, config, stop_at=stop_at)
+    assert sorted(first) == list(range(1, stop_at)) and not (tmp_path / "b" / "model").exists()
+    second = _train_counting_tokens(monkeypatch, config)
+    assert sorted(second) == list(range(stop_at, 5))
+    assert {**first, **second} == straight
+    a, b = (vlm.load(tmp_path / r / "model").state_dict() for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_unmasked_steps_need_dropout_and_steps_left_with_it(tmp_path):
+    from training.config import ScheduleConfig, TrainConfig
+
+    with pytest.raises(ValueError, match=r"patch_dropout_unmasked_steps \(4\) leaves no step of schedule.steps \(4\)"):
+        TrainConfig(model=ModelConfig(patch_dropout=0.5, patch_dropout_unmasked_steps=4), schedule=ScheduleConfig(4, 1))
+    with pytest.raises(ValueError, match=r"model.patch_dropout_unmasked_steps must be a number >= 0"):
+        ModelConfig(patch_dropout=0.5, patch_dropout_unmasked_steps=-1)
+    with pytest.raises(ValueError, match=r"'tiny' has no patch dropout; set model.patch_dropout"):
+        build_model(ModelConfig(name="tiny", overrides={"embed_dim": 64}, patch_dropout_unmasked_steps=2))
+    # The model's own rate (a preset override, or a saved model's config) is one to switch off, too.
+    model = build_model(ModelConfig(overrides={"vision": {"patch_dropout": 0.5}}, patch_dropout_unmasked_steps=2))
+    assert model.visual.config.patch_dropout == 0.5
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_both_passes_of_accumulated_steps_drop_the_same_patches(seeded):
+    """GradCache embeds each micro-batch twice (without, then with gradients): both passes must draw the
+    same masks, from the tower's own generator (a training run) or the global one (no generator set)."""
+    from accelerate import Accelerator
+
+    from training.config import LossConfig
+    from training.grad_cache import loss_and_gradients
+
+    _, model = _pair("tiny", 0.5)
+    model.train()
+    if seeded:
+        model.visual.patch_dropout_generator = torch.Generator().manual_seed(3)
+    seen = []
+    model.visual.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    texts = torch.randint(1, 50, (4, 8))
+    loss_and_gradients(model, _images(4), texts, LossConfig(accum_steps=2), Accelerator(cpu=True))
+    first, second = seen[:2], seen[2:]
+    assert len(seen) == 4
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)

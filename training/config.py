@@ -32,6 +32,7 @@ from .config_checks import (
 )
 from .distill_config import DistillConfig
 from .lora import LoraConfig
+from .patch_dropout import check_unmasked_steps
 
 __all__ = [
     "DataConfig",
@@ -151,13 +152,16 @@ class ModelConfig:
     # FLIP patch dropout for any model (VisionConfig.patch_dropout): the share of patch tokens each image
     # drops in training steps; 0.5 trains about twice as fast. 0 keeps the model's own setting.
     patch_dropout: float = 0.0
+    # FLIP's unmasked tuning (training.patch_dropout): the run's last N steps train on every patch.
+    patch_dropout_unmasked_steps: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)  # enabled: adapters on both towers (training.lora)
 
     def __post_init__(self) -> None:
         _in_range(self, "model", "patch_dropout", 0, 1, high_open=True)
         if not self.name:
             raise ValueError("model.name is empty; give a preset name (see `vlm presets`) or a model directory")
-        _positives(self, "model", ("unlocked_blocks", "lock_text_unlocked_blocks"), zero_ok=True)
+        counts = ("unlocked_blocks", "lock_text_unlocked_blocks", "patch_dropout_unmasked_steps")
+        _positives(self, "model", counts, zero_ok=True)
         for tower, lock, keys in LOCK_KEYS:
             changed = [k for k in keys if getattr(self, k) != _default(ModelConfig, k)]
             if changed and not getattr(self, lock):
@@ -324,6 +328,7 @@ class TrainConfig:
                 f"({self.schedule.steps}); lower the warmup or train longer"
             )
         check_batch_split(self.data.batch_size, self.loss.accum_steps, "loss.accum_steps")
+        check_unmasked_steps(self.model, self.schedule)
 
 
 # ---- dicts, files and overrides -------------------------------------------------------------------

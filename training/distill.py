@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from vlm.checkpoint import load
 from vlm.config import CLIPConfig
+from vlm.data.embedding_shards import numbered_shards
 from vlm.files import atomic_directory
 from vlm.model import CLIP
 from vlm.transforms import image_transform
@@ -141,16 +142,15 @@ class OfflineTeacher:
 
 def _shards(directory: Path, kind: str) -> list[np.ndarray]:
     folder = directory / kind
-    found = sorted(folder.glob(f"{kind}_*.npy"), key=lambda p: int(p.stem.rpartition("_")[2]))
-    expected = [folder / f"{kind}_{k}.npy" for k in range(len(found))]
-    if not found or found != expected:
+    found = numbered_shards(folder, kind, "npy") if folder.is_dir() else {}
+    if not found or sorted(found) != list(range(len(found))):
         raise ValueError(
             f"distill.embeddings={directory}: expected {kind}/{kind}_0.npy, {kind}_1.npy, ... (clip-retrieval's "
-            f"layout), found {[p.name for p in found] or 'none'}; write them with "
+            f"layout), found {[p.name for p in found.values()] or 'none'}; write them with "
             "training.distill.write_teacher_embeddings or point distill.embeddings at such a directory"
         )
-    arrays = [np.load(p, mmap_mode="r") for p in found]
-    bad = [p.name for p, a in zip(found, arrays) if a.ndim != 2 or a.shape[1] != arrays[0].shape[1]]
+    arrays = [np.load(found[k], mmap_mode="r") for k in range(len(found))]
+    bad = [found[k].name for k, a in enumerate(arrays) if a.ndim != 2 or a.shape[1] != arrays[0].shape[1]]
     if bad:
         raise ValueError(f"distill.embeddings={directory}: {kind} shards {bad} are not (rows, dim) of one width")
     return arrays

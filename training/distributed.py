@@ -73,12 +73,16 @@ def make_accelerator(mixed_precision: str) -> "Accelerator":
     """
     from accelerate import Accelerator
 
-    return Accelerator(
+    from .fsdp import enable_on_cpu  # here: training.fsdp imports this module
+
+    accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(mixed_precision),
         cpu=launched_without_device(),
         # The schedule counts optimiser steps; accelerate would otherwise step it once per process.
         step_scheduler_with_optimizer=False,
     )
+    enable_on_cpu(accelerator)
+    return accelerator
 
 
 @dataclass

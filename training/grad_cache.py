@@ -5,7 +5,9 @@ without gradients, the loss of the whole step is computed on those cached featur
 processes), which gives the gradient of the loss with respect to each feature; then each micro-batch
 is embedded again with gradients and back-propagates its features' cached gradients. The parameter
 gradients are those of one big batch, at the activation memory of one micro-batch, for the price of
-one extra forward pass.
+one extra forward pass. Both passes of a micro-batch draw the same random numbers (patch dropout's masks,
+dropout): each micro-batch's generator states are saved before its first pass and restored before its
+second, as GradCache's RandContext does, or the gradients would belong to features the loss never saw.
 """
 
 from __future__ import annotations
@@ -64,8 +66,12 @@ def _leaf(x: Tensor | None) -> Tensor | None:
 
 def _cached_gradients(model: nn.Module, images: Tensor, texts: Tensor, config: LossConfig, accelerator) -> LossValue:
     micro = list(zip(images.chunk(config.accum_steps), texts.chunk(config.accum_steps)))
+    generators = _generators(accelerator.unwrap_model(model), images.device)
+    states, outs = [], []
     with torch.no_grad(), accelerator.autocast():
-        outs = [model(i, t) for i, t in micro]
+        for i, t in micro:
+            states.append([g.get_state() for g in generators])
+            outs.append(model(i, t))
     cache = CLIPOutput(
         image_embeds=_leaf(torch.cat([o.image_embeds for o in outs])),
         text_embeds=_leaf(torch.cat([o.text_embeds for o in outs])),
@@ -85,6 +91,8 @@ def _cached_gradients(model: nn.Module, images: Tensor, texts: Tensor, config: L
     for k, (i, t) in enumerate(micro):
         last = k == len(micro) - 1
         # Gradients are synchronised across processes once, after the last micro-batch.
+        for g, state in zip(generators, states[k]):
+            g.set_state(state)
         with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
                 out = model(i, t)
@@ -98,3 +106,13 @@ def _cached_gradients(model: nn.Module, images: Tensor, texts: Tensor, config: L
                     surrogate = surrogate + out.logit_bias.float() * cache.logit_bias.grad
             surrogate.backward()
     return result
+
+
+def _generators(model: nn.Module, device: torch.device) -> list[torch.Generator]:
+    """The random generators a forward pass may draw from: the image tower's own one for patch dropout masks
+    (`training.patch_dropout`), and the default ones of the CPU and the model's device."""
+    found = [torch.default_generator]
+    if device.type == "cuda":
+        found.append(torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()])
+    own = getattr(getattr(model, "visual", None), "patch_dropout_generator", None)
+    return found + ([own] if own is not None else [])

@@ -28,10 +28,12 @@ from .data_skips import SkipBudget
 from .distill import distill_loss_and_gradients, load_teacher, teacher_batches
 from .distributed import all_reduce_sums, make_accelerator, resolve_mixed_precision
 from .evaluation import EvalSets, load_eval_sets, retrieval_metrics, zeroshot_metrics
+from . import fsdp
 from .grad_cache import loss_and_gradients
 from .lora import apply_lora, save_run_adapters
 from .mixing import log_shares, share_metrics
 from .optim import build_optimizer, build_scheduler, clamp_logit_scale, lock_tower
+from .patch_dropout import apply_patch_dropout, patch_dropout_step
 from .remote import pull_checkpoint, push_checkpoint, push_outputs, staging_dir
 from .run_log import MetricsLog, read_metrics
 from .sources import MapSource, open_pairs
@@ -122,10 +124,7 @@ def build_model(config: ModelConfig) -> CLIP:
         apply_lora(model, config.lora, ("visual", "text"))
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if config.patch_dropout:
-        # In the model's config, so the saved model records it as open_clip's vision_cfg does.
-        model.config = model.config.replace(vision={"patch_dropout": config.patch_dropout})
-        model.visual.config = model.config.vision
+    apply_patch_dropout(model, config)
     return model
 
 
@@ -142,7 +141,7 @@ def prepare(config: TrainConfig) -> Run:
     scheduler = build_scheduler(optimizer, config.schedule)
     if config.model.compile:
         model = torch.compile(model)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = fsdp.prepare(accelerator, model, optimizer, scheduler)
     # A remote output_dir: the run works in a local staging folder, uploaded by `training.remote`.
     return Run(config, accelerator, model, optimizer, scheduler, staging_dir(config.output_dir), teacher)
 
@@ -251,6 +250,7 @@ def _update(run: Run) -> float:
     """Clip, step, clamp the temperature; returns the gradient norm before clipping (NaN if not clipped)."""
     acc, cfg = run.accelerator, run.config
     grad_norm = math.nan
+    fsdp.average_replicated_grads(acc, run.clip)
     if cfg.optim.grad_clip:
         grad_norm = float(acc.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip))
     run.optimizer.step()
@@ -298,8 +298,8 @@ def evaluate(run: Run, sets: EvalSets, step: int) -> dict[str, float]:
     """Zero-shot and retrieval metrics on the main process (the others wait); {} elsewhere."""
     metrics: dict[str, float] = {}
     acc = run.accelerator
+    model = fsdp.full_model(run)  # under FSDP every process takes part
     if acc.is_main_process and sets:
-        model = run.clip
         model.eval()
         opts = dict(batch_size=run.config.eval.batch_size, num_workers=run.config.data.num_workers)
         # Evaluation must not move the training RNG streams, or a resumed run would drift.
@@ -357,6 +357,7 @@ def train(config: TrainConfig) -> TrainResult:
         failures.add(batch.failures)
         # The totals live in `state`; the log only needs the failures it has shown (bounded memory).
         del failures.failures[failures.show :]
+        patch_dropout_step(run.clip, config, state.step, acc.process_index, acc.device)
         out = train_step(run, batch, state)
         budget.step(state.step, out.samples, out.skipped, batch.failures)
         truncated += out.truncated
@@ -444,9 +445,10 @@ def _finish(run: Run, state: TrainerState, log: MetricsLog, metrics: dict[str, f
     """Final model (with its card), failure summary and plot."""
     acc = run.accelerator
     model_dir = run.run_dir / "model"
+    model = fsdp.full_model(run)  # under FSDP every process takes part
     if acc.is_main_process:
-        save_run_adapters(run.clip, run.config.model, run.run_dir, run.optimizer)  # LoRA: merges the adapters, in place
-        save_pretrained(run.clip, model_dir, card=_model_card(run.config, state, metrics))
+        save_run_adapters(model, run.config.model, run.run_dir, run.optimizer)  # LoRA: merges the adapters, in place
+        save_pretrained(model, model_dir, card=_model_card(run.config, state, metrics))
         if state.skipped_samples:
             total = state.samples_seen + state.skipped_samples
             logger.warning(

@@ -44,6 +44,9 @@ class VisionTower(nn.Module):
         C = config.width
         norm_layer = partial(nn.LayerNorm, eps=config.norm_eps)
         self.config = config
+        # Where patch dropout draws its masks; None: torch's global generator (as open_clip). A trainer sets
+        # one it seeds per step, so that a resumed run draws the masks the uninterrupted run drew.
+        self.patch_dropout_generator: torch.Generator | None = None
         self.patch_embed = PatchEmbed(config.patch_size, C, bias=config.patch_bias, **dd)
         self.class_token = nn.Parameter(torch.zeros(C, **dd)) if config.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(config.num_prefix_tokens + config.num_patches, C, **dd))
@@ -77,7 +80,7 @@ class VisionTower(nn.Module):
         prefix, mode = self.config.num_prefix_tokens, self.config.pos_embed_resample
         x = x + resample_pos_embed(self.pos_embed, grid, prefix, mode)
         if self.training and self.config.patch_dropout:
-            x = drop_patches(x, self.config.patch_dropout, prefix)  # (B, P + K, C)
+            x = drop_patches(x, self.config.patch_dropout, prefix, self.patch_dropout_generator)  # (B, P + K, C)
         return self.norm_pre(x)
 
     def _final_norm(self, x: Tensor) -> Tensor:
