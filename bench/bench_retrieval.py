@@ -1,7 +1,7 @@
 """Search index kinds on clustered synthetic vectors: build time, memory, queries/s and recall@10.
 
-    .venv/bin/python bench/bench_retrieval.py [--n 1000000] [--d 512] [--kinds flat,hnsw,ivf,ivfpq,auto]
-                                              [--memory-budget 4G] [--target 0.95] [--draft]
+    .venv/bin/python bench/bench_retrieval.py [--n 1000000] [--d 512] [--kinds ivf,ivfpqfs,ivfpq,auto]
+                                              [--memory-budget 4G] [--max-query-ms 1] [--target 0.95] [--draft]
 
 The database is `clustered_vectors` of bench/synthetic.py (image-like clusters); the queries come from its
 shifted "text" distribution, as text queries to an image index do. Half the queries tune each index
@@ -10,7 +10,9 @@ measure it. Every kind is compared with exact search (FAISS IndexFlatIP, all que
 BLAS runs at full speed) measured in the same run: recall@10 against its results, and queries per second
 as a ratio to its queries per second. Memory per vector is what the index holds in RAM (the size of its
 index file; on-disk lists and the full vectors used for re-ranking are memory-mapped files and are
-reported as disk). `--draft` also measures reduced-size JPEG decoding against full decoding.
+reported as disk). `auto` runs `retrieval.plan` on the tuning queries (trials on a sample) and prints
+its estimate next to what the chosen kind then measured. `--draft` also measures reduced-size JPEG
+decoding against full decoding.
 """
 
 from __future__ import annotations
@@ -32,26 +34,32 @@ from synthetic import clustered_vectors  # noqa: E402
 
 from retrieval.index import INDEX_FILE, LISTS_FILE, VectorIndex, exact_search, set_threads  # noqa: E402
 from retrieval.kinds import default_memory_budget, format_bytes, make_spec, parse_memory  # noqa: E402
+from retrieval.plan import SAMPLE, plan_index  # noqa: E402
 from retrieval.tuning import recall_vs_exact, tune  # noqa: E402
 from retrieval.vectors import write_vectors  # noqa: E402
 
 K = 10
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--nq", type=int, default=2000, help="queries: half tune, half measure")
-    parser.add_argument("--kinds", default="flat,hnsw,ivf,ivfpq,ivfpq-disk,auto")
+    parser.add_argument("--kinds", default="ivf,ivfpqfs,ivfpq,ivfpq-disk,hnswsq,auto")
     parser.add_argument("--memory-budget", default=None, help="for auto (default: half the machine's memory)")
+    parser.add_argument("--max-query-ms", type=float, default=None, help="for auto: see retrieval.plan")
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--compressed-target", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workdir", default=None, help="where the vectors and indexes go (default: a temporary dir)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--draft", action="store_true", help="also measure reduced-size JPEG decoding")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
     threads = set_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_retrieval_"))
     budget = parse_memory(args.memory_budget) if args.memory_budget else default_memory_budget()
@@ -95,7 +103,10 @@ def main() -> None:
     )
     for name in args.kinds.split(","):
         kind, on_disk = name.removesuffix("-disk"), name.endswith("-disk")
-        spec = make_spec(kind, args.n, args.d, memory_budget=budget, on_disk=on_disk or None)
+        if kind == "auto":
+            spec = auto_spec(store, tune_q, budget, args)
+        else:
+            spec = make_spec(kind, args.n, args.d, memory_budget=budget, on_disk=on_disk or None)
         label = f"auto -> {spec.kind}{'-disk' if spec.on_disk else ''}" if kind == "auto" else name
         if spec in done:
             rows.append((label, *done[spec][1:]))
@@ -119,6 +130,21 @@ def main() -> None:
         bench_draft(work)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def auto_spec(store, tune_q, budget, args):
+    start = time.perf_counter()
+    plan = plan_index(
+        store.sample(min(len(store), SAMPLE)),
+        tune_q,
+        len(store),
+        memory_budget=budget,
+        max_query_ms=args.max_query_ms,
+        target_recall=args.target,
+        k=K,
+    )
+    print(plan.summary(), f"\n  (planned in {time.perf_counter() - start:.0f}s)", flush=True)
+    return plan.chosen
 
 
 def measure(spec, store, directory, tune_q, tune_truth, eval_q, truth, target, qps_exact, repeats) -> tuple:

@@ -27,6 +27,7 @@ from .embedding_job import EmbeddingJob, EmbedOptions, barrier, dist_info, prepr
 from .index import VectorIndex, set_threads
 from .kinds import IndexSpec, default_memory_budget, make_spec
 from .metadata import METADATA_FILE, MetadataStore
+from .plan import compare, plan_for_build, plan_record
 from .sources import Collection, open_source
 from .index_directory import IndexCorruptError, IndexDirectory, Manifest
 from .tuning import TuningReport, require_target, tune
@@ -64,6 +65,7 @@ class BuildOptions:
     max_tuning_queries: int = 1000
     embed: EmbedOptions = field(default_factory=EmbedOptions)
     threads: int | None = None  # FAISS threads; None: this process's share of the CPUs
+    max_query_ms: float | None = None  # auto: prefer the smallest kind estimated under this (retrieval.plan)
 
     def __post_init__(self) -> None:
         if self.k <= 0:
@@ -108,6 +110,8 @@ class UpdateReport:
             parts.append(f"index {self.spec.factory}{' (on disk)' if self.spec.on_disk else ''}")
         if self.tuning:
             parts.append(f"recall@{self.tuning['k']} {self.tuning['recall']:.3f} with {_knobs(self.tuning['params'])}")
+        if self.tuning and self.tuning.get("plan"):
+            parts.append(compare(self.tuning["plan"]))
         return ", ".join(parts) + f" [{self.seconds:.1f}s]"
 
 
@@ -136,7 +140,7 @@ def build_index(
     store_dir = IndexDirectory(directory)
     fingerprint = model.fingerprint()
     digest = f"build-{collection.digest()}-{fingerprint[:8]}"
-    finished = _finished_build(store_dir, digest, overwrite, directory)
+    finished = finished_build(store_dir, digest, overwrite, directory)
     if finished is not None:
         return finished
     job = embed_on_every_process(store_dir, digest, model, collection, options, require_items=True)
@@ -160,12 +164,12 @@ def build_index(
     return report
 
 
-def _finished_build(
+def finished_build(
     store_dir: IndexDirectory, digest: str, overwrite: bool, directory: str | Path
 ) -> UpdateReport | None:
     """The report of this very build when the directory already holds it (finished, then the process
     died?), None when there is nothing to replace or `overwrite` is given; ValueError for another index."""
-    manifest = _replaced_manifest(store_dir, overwrite)
+    manifest = replaced_manifest(store_dir, overwrite)
     if manifest is None or overwrite:
         return None
     last = manifest.history[-1] if manifest.history else {}
@@ -192,18 +196,14 @@ def _write_build(
 ) -> UpdateReport:
     """Writes and publishes the version built from the finished `job`: vectors, index, tuning queries,
     metadata. Runs under the writer lock; the report lacks the seconds."""
-    old = _replaced_manifest(store_dir, overwrite)
+    old = replaced_manifest(store_dir, overwrite)
     version = old.version + 1 if old else 1
     vdir = store_dir.new_version(version)
     failures: list[Failure] = []
     store = _write_shards(vdir, job, failures, model.config.embed_dim)
-    spec = make_spec(options.kind, len(store), store.dim, memory_budget=_budget(options), on_disk=options.on_disk)
-    logger.info("indexing %d vectors with %s%s", len(store), spec.factory, " (on-disk lists)" if spec.on_disk else "")
-    vindex = VectorIndex.build(spec, store, vdir, progress=options.embed.progress)
     xq, query_source = tuning_queries(model, collection, store, options, tuning_texts)
-    tuning = _tune(vindex, xq, query_source, options, vdir).to_dict() | {"count": len(store)}
+    spec, vindex, tuning = index_vectors(store, xq, query_source, options, vdir)
     _write_metadata(vdir, collection, store.ids)
-    vindex.write(vdir)
     manifest = Manifest(
         version=version,
         model=model_record,
@@ -214,7 +214,7 @@ def _write_build(
         count=len(store),
         next_id=len(collection),
         tuning=tuning,
-        memory_budget=_budget(options),
+        memory_budget=build_budget(options),
         roots=collection.roots,
         history=old.history if old else [],
     )
@@ -233,7 +233,28 @@ def _write_build(
     )
 
 
-def _replaced_manifest(store_dir: IndexDirectory, overwrite: bool) -> Manifest | None:
+def index_vectors(
+    store: VectorStore, xq: np.ndarray, query_source: str, options: BuildOptions, vdir: Path
+) -> tuple[IndexSpec, VectorIndex, dict]:
+    """Chooses the index (`auto`: trials of the candidate kinds, `retrieval.plan`), builds it over `store`
+    within the memory budget, tunes it on the queries `xq` and writes it to `vdir`. Returns the spec, the
+    index and the tuning record (with a planned build's estimate beside its measured figures)."""
+    plan = plan_for_build(store, xq, options, build_budget(options))
+    spec = plan.chosen if plan else make_spec(
+        options.kind, len(store), store.dim, memory_budget=build_budget(options), on_disk=options.on_disk
+    )
+    logger.info("indexing %d vectors with %s%s", len(store), spec.factory, " (on-disk lists)" if spec.on_disk else "")
+    started = time.perf_counter()
+    vindex = VectorIndex.build(spec, store, vdir, progress=options.embed.progress, memory_budget=build_budget(options))
+    built = time.perf_counter() - started
+    tuning = _tune(vindex, xq, query_source, options, vdir).to_dict() | {"count": len(store)}
+    vindex.write(vdir)
+    if plan is not None:
+        tuning["plan"] = plan_record(plan, vindex, xq, tuning["recall"], built, vdir)
+    return spec, vindex, tuning
+
+
+def replaced_manifest(store_dir: IndexDirectory, overwrite: bool) -> Manifest | None:
     """The manifest a build replaces: None when there is none, or when it is damaged and `overwrite` is
     given (rebuilding is how a damaged index is repaired; the history starts again). IndexCorruptError
     for a damaged one without `overwrite`."""
@@ -380,7 +401,8 @@ def _model_record(model: CLIP, fingerprint: str, source: str | None) -> dict:
     return {"fingerprint": fingerprint, "embed_dim": model.config.embed_dim, "source": source}
 
 
-def _budget(options: BuildOptions) -> int:
+def build_budget(options: BuildOptions) -> int:
+    """The memory budget of a build in bytes: the one given, else half the machine's memory."""
     return options.memory_budget if options.memory_budget is not None else default_memory_budget()
 
 

@@ -1,11 +1,15 @@
 """`vlm index ...` and `vlm search ...`.
 
     vlm index build SOURCE --out DIR [--model M] [--kind auto|flat|hnsw|ivf|ivfpq|FACTORY] [--memory-budget 4G]
+    vlm index build --embeddings CLIP_RETRIEVAL_DIR --out DIR [--model M] [--modality image|text]
+    vlm index export DIR OUT_DIR [--shard-size 1000000] [--dtype float32|float16]
     vlm index add DIR SOURCE [--upsert]
     vlm index remove DIR [--ids 3 5] [--paths a.jpg] [--where "label = 'cat'"]
     vlm index info DIR [--verify] [--json]
     vlm index eval SOURCE [--model M] [-k 1 5 10]
-    vlm search DIR --text "a red car" | --image photo.jpg [-k 10] [--where "label = 'cat'"] [--json]
+    vlm index plan SOURCE [--memory-budget 4G] [--max-query-ms 2] [--sample 20000]
+    vlm search DIR --text "a red car" | --image photo.jpg [-k 10] [--where "label = 'cat'"] [--dedup 0.95]
+               [--mmr 0.5] [--json]
 
 Under `accelerate launch`, `vlm index build` and `vlm index add` split the embedding across processes.
 """
@@ -24,7 +28,7 @@ from vlm.cli.args import text_overflow_from_args
 
 __all__ = ["index_main", "search_main"]
 
-INDEX_COMMANDS = ("build", "add", "remove", "info", "eval")
+INDEX_COMMANDS = ("build", "add", "remove", "info", "eval", "export", "plan")
 
 
 def index_main(argv: list[str]) -> int:
@@ -37,7 +41,9 @@ def index_main(argv: list[str]) -> int:
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
-    return {"build": _build, "add": _add, "remove": _remove, "info": _info, "eval": _eval}[command](rest)
+    verbs = {"build": _build, "add": _add, "remove": _remove, "info": _info, "eval": _eval, "export": _export}
+    verbs["plan"] = _plan
+    return verbs[command](rest)
 
 
 def _quiet_faiss_loader() -> None:
@@ -49,16 +55,24 @@ def _quiet_faiss_loader() -> None:
 def _build(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlm index build", description="Embed a collection and build a search index.")
     parser.add_argument(
-        "source", help="a folder of images, a list file, a table (csv/tsv/jsonl/json/parquet) or hf:NAME_OR_DIR"
+        "source",
+        nargs="?",
+        help="a folder of images, a list file, a table (csv/tsv/jsonl/json/parquet) or hf:NAME_OR_DIR",
+    )
+    parser.add_argument(
+        "--embeddings",
+        default=None,
+        metavar="DIR",
+        help="index embeddings made elsewhere instead: clip-retrieval's img_emb/ text_emb/ metadata/ layout",
     )
     parser.add_argument("--out", required=True, help="the index directory to create")
     add_model_argument(parser)
     parser.add_argument(
-        "--kind", default="auto", help="auto, flat, hnsw, ivf, ivfpq or a FAISS factory string (default: auto)"
+        "--kind",
+        default="auto",
+        help="auto, flat, hnsw, hnswsq, ivf, ivfpq, ivfpqfs or a FAISS factory string (default: auto)",
     )
-    parser.add_argument(
-        "--memory-budget", default=None, help="RAM the index may use, e.g. 4G (default: half the machine's memory)"
-    )
+    _add_tuning_arguments(parser)
     disk = parser.add_mutually_exclusive_group()
     disk.add_argument(
         "--on-disk",
@@ -69,32 +83,18 @@ def _build(argv: list[str]) -> int:
         help="IVF lists in a memory-mapped file",
     )
     disk.add_argument("--in-memory", dest="on_disk", action="store_const", const=False, help="IVF lists in RAM")
-    parser.add_argument(
-        "--embed", choices=("image", "text"), default="image", help="index the images (default) or the captions"
-    )
-    parser.add_argument(
-        "--target-recall", type=float, default=0.95, help="tune search to this recall@k against exact search"
-    )
-    parser.add_argument("-k", type=int, default=10, help="the k of the tuned recall@k (default 10)")
-    parser.add_argument(
-        "--tune-queries", default=None, help="a text file of typical queries, one per line, to tune with"
-    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
     _add_source_arguments(parser)
     args = parser.parse_args(argv)
     from .build import build_index
-    from .kinds import parse_memory
 
+    if (args.source is None) == (args.embeddings is None):
+        parser.error("give a SOURCE to embed, or --embeddings DIR (embeddings made elsewhere), not both")
+    tune_texts = _tune_texts(args)
+    options = _options(args, kind=args.kind, on_disk=args.on_disk, **_tuning_options(args))
+    if args.embeddings is not None:
+        return _build_from_embeddings(args, options, tune_texts)
     model, model_source = _model(args)
-    tune_texts = Path(args.tune_queries).read_text().splitlines() if args.tune_queries else None
-    options = _options(
-        args,
-        kind=args.kind,
-        memory_budget=parse_memory(args.memory_budget) if args.memory_budget else None,
-        on_disk=args.on_disk,
-        k=args.k,
-        target_recall=args.target_recall,
-    )
     with text_overflow_from_args(args):
         report = build_index(
             args.source,
@@ -108,6 +108,95 @@ def _build(argv: list[str]) -> int:
             **_source_options(args),
         )
     print(report.summary())
+    return 0
+
+
+def _build_from_embeddings(args: argparse.Namespace, options, tune_texts: list[str] | None) -> int:
+    from .embeddings_build import build_from_embeddings
+
+    # Only a model the user names is recorded: the default model did not make these embeddings.
+    model, model_source = _model(args) if args.model or args.pretrained else (None, None)
+    with text_overflow_from_args(args):
+        report = build_from_embeddings(
+            args.embeddings,
+            args.out,
+            model=model,
+            model_source=model_source,
+            modality=args.embed,
+            options=options,
+            overwrite=args.overwrite,
+            roots=args.root,
+            tuning_texts=tune_texts,
+        )
+    print(report.summary())
+    return 0
+
+
+def _add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `vlm index build` and `vlm index plan` share: what to index, the budget, the recall to reach."""
+    parser.add_argument(
+        "--memory-budget", default=None, help="RAM the index may use, e.g. 4G (default: half the machine's memory)"
+    )
+    parser.add_argument(
+        "--max-query-ms",
+        type=float,
+        default=None,
+        help="auto: build the smallest kind estimated to answer a query within this many ms (default: the fastest)",
+    )
+    parser.add_argument(
+        "--target-recall", type=float, default=0.95, help="tune search to this recall@k against exact search"
+    )
+    parser.add_argument("-k", type=int, default=10, help="the k of the tuned recall@k (default 10)")
+    parser.add_argument(
+        "--embed",
+        "--modality",
+        choices=("image", "text"),
+        default="image",
+        help="index the images (default) or the captions (with --embeddings: img_emb/ or text_emb/)",
+    )
+    parser.add_argument(
+        "--tune-queries", default=None, help="a text file of typical queries, one per line, to tune with"
+    )
+
+
+def _tuning_options(args: argparse.Namespace) -> dict:
+    from .kinds import parse_memory
+
+    return {
+        "memory_budget": parse_memory(args.memory_budget) if args.memory_budget else None,
+        "k": args.k,
+        "target_recall": args.target_recall,
+        "max_query_ms": args.max_query_ms,
+    }
+
+
+def _tune_texts(args: argparse.Namespace) -> list[str] | None:
+    return Path(args.tune_queries).read_text().splitlines() if args.tune_queries else None
+
+
+def _plan(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlm index plan",
+        description="Estimate, from a sample, which index `vlm index build --kind auto` builds and what it costs.",
+    )
+    parser.add_argument("source", help="a collection (folder, list file, table, hf:...) or a clip-retrieval embeddings folder")
+    add_model_argument(parser)
+    _add_tuning_arguments(parser)
+    parser.add_argument("--sample", type=int, default=20_000, help="items to embed (or read) for the trials")
+    _add_source_arguments(parser)
+    args = parser.parse_args(argv)
+    from .plan import plan_source
+
+    options = _options(args, **_tuning_options(args))
+    embeddings = Path(args.source).is_dir() and (Path(args.source) / "metadata").is_dir()
+    model = None if embeddings else _model(args)[0]
+    texts = _tune_texts(args)
+    with text_overflow_from_args(args):
+        plan = plan_source(
+            args.source, model, options=options, modality=args.embed, sample=args.sample, tuning_texts=texts,
+            **({} if embeddings else _source_options(args)),
+        )
+    print(plan.summary())
     return 0
 
 
@@ -283,6 +372,27 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlm index export", description="Write an index's vectors and metadata in clip-retrieval's layout."
+    )
+    parser.add_argument("directory", help="the index directory")
+    parser.add_argument("out", help="the folder to write img_emb/ (or text_emb/) and metadata/ into")
+    parser.add_argument("--shard-size", type=int, default=1_000_000, help="rows per shard (default 1000000)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float16"), default="float32", help="float32 (exact) or float16 (half the size)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = parser.parse_args(argv)
+    from .clip_retrieval import export_index
+
+    report = export_index(
+        args.directory, args.out, shard_size=args.shard_size, dtype=args.dtype, overwrite=args.overwrite
+    )
+    print(report.summary())
+    return 0
+
+
 # ---- search --------------------------------------------------------------------------------------
 def search_main(argv: list[str]) -> int:
     """`vlm search`: prints the top-k hits (rank, cosine score, id, path, caption) of each text or image
@@ -295,6 +405,21 @@ def search_main(argv: list[str]) -> int:
     parser.add_argument("-k", type=int, default=10, help="results per query")
     parser.add_argument(
         "--where", default=None, help="metadata filter, e.g. \"label = 'cat'\" or \"folder LIKE 'a/%%'\""
+    )
+    parser.add_argument(
+        "--dedup",
+        type=float,
+        default=None,
+        metavar="COSINE",
+        help="drop results whose vector has at least this cosine, in (0, 1], with a better result's (e.g. 0.95); "
+        "may return fewer than -k",
+    )
+    parser.add_argument(
+        "--mmr",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="re-rank by maximal marginal relevance, LAMBDA in [0, 1]: 1 by relevance only, lower for more variety",
     )
     parser.add_argument(
         "--model", default=None, help="the model to embed queries with (default: the one that built the index)"
@@ -310,11 +435,12 @@ def search_main(argv: list[str]) -> int:
 
     index = SearchIndex.open(args.directory, model=args.model, mmap=args.mmap)
     queries = args.text or args.image
+    ranking = {"where": args.where, "dedup": args.dedup, "mmr": args.mmr}
     with text_overflow_from_args(args):
         results = (
-            index.search_text(queries, args.k, where=args.where)
+            index.search_text(queries, args.k, **ranking)
             if args.text
-            else index.search_image(queries, args.k, where=args.where)
+            else index.search_image(queries, args.k, **ranking)
         )
     for query, hits in zip(queries, results.hits):
         if args.json:

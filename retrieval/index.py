@@ -32,7 +32,8 @@ import numpy as np
 from vlm.files import fsync_file
 
 from .faiss_stdout import quiet_stdout
-from .kinds import TRAIN_POINTS_PER_LIST, IndexSpec
+from .kinds import IndexSpec, default_memory_budget
+from .ondisk import merge_blocks, plan_build, wanted_train_rows
 from .vectors import CHUNK, VectorStore
 
 __all__ = ["SearchParams", "Neighbors", "VectorIndex", "set_threads", "exact_search", "INDEX_FILE", "LISTS_FILE"]
@@ -43,8 +44,6 @@ INDEX_FILE = "index.faiss"
 LISTS_FILE = "lists.ivfdata"
 COMPACT_FRACTION = 0.25
 EXACT_SUBSET_MAX = 4096
-# k-means and PQ training samples: enough for every centroid, capped because training cost grows with it.
-MIN_TRAIN = 65_536
 _INT64_MAX = np.iinfo(np.int64).max
 _QUERY_CHUNK = 256  # queries re-ranked at a time: bounds the (nq, k * rerank, d) gather
 
@@ -133,19 +132,30 @@ class VectorIndex:
 
     @classmethod
     def build(
-        cls, spec: IndexSpec, store: VectorStore, directory: Path, *, progress: bool = False, seed: int = 0
+        cls,
+        spec: IndexSpec,
+        store: VectorStore,
+        directory: Path,
+        *,
+        progress: bool = False,
+        seed: int = 0,
+        memory_budget: int | None = None,
     ) -> "VectorIndex":
-        """Trains on a sample of `store` and adds all of it; on-disk lists are built shard by shard in
+        """Trains on a sample of `store` and adds all of it, block by block, within `memory_budget` bytes of
+        anonymous memory (default: half the machine's; see `retrieval.ondisk.plan_build`, which raises
+        ValueError naming the smallest budget that would do). On-disk lists are written block by block in
         `directory` and merged into `directory/LISTS_FILE`."""
+        plan = plan_build(spec, len(store), store.dim, memory_budget or default_memory_budget())
         vindex = cls.empty(spec, store.dim)
         vindex.vectors = store
-        if not vindex.index.is_trained:
-            vindex.train(store.sample(_train_size(spec, len(store)), seed))
+        if not vindex.index.is_trained:  # the plan sizes IVF samples; a graph over SQ8 codes trains too
+            vindex.train(store.sample(plan.train_rows or wanted_train_rows(spec, len(store)), seed))
+        desc = "indexing (on disk)" if spec.on_disk else "indexing"
+        chunks = _progress(store.chunks(plan.block_rows), progress, len(store), desc)
         if spec.on_disk:
-            chunks = _progress(store.chunks(), progress, len(store), "indexing (on disk)")
             vindex._merge_on_disk((_block(vindex.index, ids, xb) for ids, xb in chunks), directory)
         else:
-            for ids, xb in _progress(store.chunks(), progress, len(store), "indexing"):
+            for ids, xb in chunks:
                 vindex.index.add_with_ids(xb, ids)
         return vindex
 
@@ -159,11 +169,9 @@ class VectorIndex:
 
     def _merge_on_disk(self, blocks: Iterable[faiss.Index], directory: Path) -> None:
         """Writes each block (an in-memory copy of this empty, trained index holding some entries) to a
-        file, then FAISS's `merge_ondisk` streams all their lists into `directory/LISTS_FILE`, which
-        this index then maps: one block in RAM at a time. Without any entries the lists stay in memory,
-        empty: FAISS cannot map an empty file."""
-        from faiss.contrib.ondisk import merge_ondisk
-
+        file, then `merge_blocks` streams all their lists into `directory/LISTS_FILE`, which this index
+        then maps: one block in RAM at a time. Without any entries the lists stay in memory, empty: FAISS
+        cannot map an empty file."""
         folder = directory / "blocks.tmp"
         folder.mkdir(exist_ok=True)
         names, total = [], 0
@@ -172,8 +180,7 @@ class VectorIndex:
             total += faiss.extract_index_ivf(block).invlists.compute_ntotal()
             faiss.write_index(block, names[-1])
         if total:
-            with quiet_stdout():
-                merge_ondisk(self.index, names, str(directory / LISTS_FILE))
+            merge_blocks(self.index, names, directory / LISTS_FILE)
             fsync_file(directory / LISTS_FILE)
         shutil.rmtree(folder)
 
@@ -234,8 +241,22 @@ class VectorIndex:
             rows = np.nonzero(np.isin(id_map, ids))[0]
             id_map[rows] = -2 - rows  # distinct negative labels: never equal to a real id, never -1
             self._dead = None
+        elif self.spec.fast_scan:
+            self._reencode_without(ids)
         else:
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
+
+    def _reencode_without(self, ids: np.ndarray) -> None:
+        """Empties the fast-scan lists and encodes the stored vectors of every entry not in `ids` again.
+        FAISS 1.15.1 removes from fast-scan lists, but vectors added to a list after a removal are then
+        lost or scored against other codes (0.3 of re-added vectors were their own nearest neighbour)."""
+        ivf = faiss.extract_index_ivf(self.index)
+        held = [faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
+                for i in range(ivf.nlist) if ivf.invlists.list_size(i)]
+        kept = np.setdiff1d(np.concatenate(held) if held else np.zeros(0, np.int64), ids)
+        self.index.reset()
+        for start in range(0, len(kept), CHUNK):
+            self.index.add_with_ids(self.vectors.get(kept[start : start + CHUNK]), kept[start : start + CHUNK])
 
     def needs_compaction(self) -> bool:
         """True when removed vectors left as HNSW tombstones exceed COMPACT_FRACTION of the graph: time to
@@ -300,12 +321,14 @@ class VectorIndex:
         I = np.full((len(xq), k), -1, dtype=np.int64)
         for start in range(0, len(xq), _QUERY_CHUNK):
             cand = candidates[start : start + _QUERY_CHUNK]
-            valid = cand >= 0
-            unique, inverse = np.unique(cand[valid], return_inverse=True)
-            xb = self.vectors.get(unique)
-            scores = np.full(cand.shape, -np.inf, dtype=np.float32)
-            q_rows = np.nonzero(valid)[0]
-            scores[valid] = np.einsum("ij,ij->i", xq[start:][q_rows], xb[inverse])
+            rows = self.vectors.rows(cand.ravel()).reshape(cand.shape)
+            if (rows[cand >= 0] < 0).any():
+                raise KeyError(f"ids not in the vector store: {cand[(cand >= 0) & (rows < 0)][:10].tolist()}")
+            # one gather of (queries, candidates, d) straight from the map and one batched product: a
+            # de-duplicating gather (np.unique, then a second copy) took 10x as long as the fast-scan search
+            xb = self.vectors.xb[np.maximum(rows, 0).ravel()].reshape(*cand.shape, -1)
+            scores = np.matmul(xb, xq[start : start + len(cand), :, None])[..., 0]
+            scores[rows < 0] = -np.inf
             order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             D[start : start + len(cand)] = np.take_along_axis(scores, order, 1)
             I[start : start + len(cand)] = np.where(
@@ -351,9 +374,10 @@ class VectorIndex:
 
 
 def _limit_training(index: faiss.Index) -> None:
-    """Caps the training of compressed codes. FAISS's defaults (OPQ: 50 rounds, each re-training every
-    sub-quantizer on 65k points; PQ: 256 points per centroid) take tens of minutes on two cores at
-    d=512. Fewer rounds and points lose little once candidates are re-ranked with the full vectors."""
+    """Caps the training of the OPQ rotation. FAISS's default (50 rounds, each re-training every
+    sub-quantizer on 65k points) takes tens of minutes on two cores at d=512; fewer rounds and points lose
+    little once candidates are re-ranked with the full vectors. The PQ codebooks keep FAISS's default
+    (k-means on at most 256 points per centroid): capping them at 64 cost recall@10 0.01-0.02 in the tests."""
     if isinstance(index, faiss.IndexPreTransform):
         for i in range(index.chain.size()):
             transform = faiss.downcast_VectorTransform(index.chain.at(i))
@@ -361,9 +385,6 @@ def _limit_training(index: faiss.Index) -> None:
                 transform.niter = 8
                 transform.niter_pq_0 = 8
                 transform.max_train_points = 16_384
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and hasattr(ivf, "pq"):
-        ivf.pq.cp.max_points_per_centroid = 64
 
 
 def _check_lists_size(index: faiss.Index, path: Path) -> None:
@@ -436,12 +457,13 @@ def _removable(index: faiss.Index) -> bool:
 def _default_params(spec: IndexSpec) -> SearchParams:
     """Knobs before tuning: FAISS's defaults, and 4x candidates for re-ranked codes."""
     return SearchParams(
-        nprobe=1 if spec.is_ivf else 0, ef_search=16 if spec.kind == "hnsw" else 0, rerank=4 if spec.rerank else 0
+        nprobe=1 if spec.is_ivf else 0, ef_search=16 if spec.is_hnsw else 0, rerank=4 if spec.rerank else 0
     )
 
 
 def _train_size(spec: IndexSpec, n: int) -> int:
-    return min(n, max(MIN_TRAIN, spec.nlist * TRAIN_POINTS_PER_LIST))
+    """Training points for `n` vectors before a memory budget caps them (`retrieval.plan` scales by it)."""
+    return wanted_train_rows(spec, n)
 
 
 def _last_line(err: Exception) -> str:

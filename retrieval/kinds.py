@@ -8,6 +8,15 @@ Every index stores L2-normalised vectors under inner product, so scores are cosi
   `retrieval.index`).
 - ``ivf``: inverted lists of full vectors (``IVF{nlist},Flat``): quick to build, deletes, and lists can
   live on disk.
+- ``hnswsq``: the same graph over 8-bit scalar-quantised vectors (``HNSW{m}_SQ8``): a quarter of the
+  vector memory, same build cost and the same lack of deletes.
+- ``ivfsq``: inverted lists of 8-bit scalar-quantised vectors (``IVF{nlist},SQ8``, d bytes each),
+  re-ranked with the full vectors on disk: a quarter of IVF-Flat's memory and of the bytes a query
+  scans, at nearly its accuracy.
+- ``ivfpqfs``: inverted lists of 4-bit PQ codes scanned with SIMD lookup tables (FAISS's "fast scan",
+  ``IVF{nlist},PQ{m}x4fs``, ``pq_m / 2`` bytes a code), re-ranked with the full vectors kept on disk.
+  Scanning a code costs a fraction of what an 8-bit PQ code costs, so many more candidates are
+  affordable. The lists stay in RAM: FAISS's on-disk lists do not hold fast-scan's blocked layout.
 - ``ivfpq``: inverted lists of ``pq_m``-byte codes after an OPQ rotation (``OPQ{m}_{d},IVF{nlist},PQ{m}np``),
   re-ranked with the full vectors kept on disk (memory-mapped). ``np``: no polysemous training, which
   only serves Hamming-distance filtering (``polysemous_ht``) that search never turns on, and took 4/5 of
@@ -15,12 +24,18 @@ Every index stores L2-normalised vectors under inner product, so scores are cosi
   before keep their factory strings; the indexes they name read and update as before.
 - any other FAISS factory string, e.g. ``"IVF1024,SQ8"`` or ``"HNSW16"``.
 
-``auto`` (`choose_spec`) picks exact search for small collections, IVF-Flat when the vectors fit the
-memory budget, IVF-PQ when only the codes do, and IVF-PQ with on-disk lists beyond that. HNSW is never
-picked automatically: it needs as much memory as IVF-Flat, takes several times longer to build, cannot
-delete, and text queries (a distribution the graph was not built on) need a very large efSearch. On a
-million clustered 512-d vectors (bench/bench_retrieval.py, 2 cores) IVF4096,Flat reached recall@10 0.96
-at 149x the queries/s of exact search; HNSW32 needed efSearch ~2400 for 0.95, only 3x exact.
+FAISS's ``Refine(SQfp16)``/``RFlat`` stages are not kinds: they hold the refining vectors in RAM, and
+`retrieval.index` already re-ranks from the full vectors memory-mapped on disk (``rerank``), which is
+the RFlat stage at no RAM cost.
+
+``auto`` without tuning queries (`choose_spec`) picks exact search for small collections, else the
+most accurate kind whose memory fits the budget: IVF-Flat, IVF-SQ8, fast-scan IVF-PQ, and IVF-PQ with
+on-disk lists beyond that. A build has tuning queries: it tries the `candidates` on a sample and keeps
+the fastest that reaches the target recall within the budgets (`retrieval.plan`). HNSW is never a
+candidate: it needs as much memory as IVF-Flat, takes several times longer to build, cannot delete,
+and text queries (a distribution the graph was not built on) need a very large efSearch. On a million
+clustered 512-d vectors (bench/bench_retrieval.py, 2 cores) IVF4096,Flat reached recall@10 0.96 at
+149x the queries/s of exact search; HNSW32 needed efSearch ~2400 for 0.95, only 3x exact.
 """
 
 from __future__ import annotations
@@ -34,13 +49,14 @@ __all__ = [
     "KINDS",
     "IndexSpec",
     "choose_spec",
+    "candidates",
     "make_spec",
     "parse_memory",
     "default_memory_budget",
     "format_bytes",
 ]
 
-KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+KINDS = ("flat", "hnsw", "hnswsq", "ivf", "ivfsq", "ivfpq", "ivfpqfs")
 # Below this many vectors exact search answers in a few milliseconds: no approximation needed.
 FLAT_MAX_VECTORS = 50_000
 # k-means wants at least 39 training points per centroid (FAISS warns below); training time grows with it.
@@ -70,11 +86,26 @@ class IndexSpec:
             raise ValueError(f"IndexSpec.kind must be one of {KINDS + ('factory',)}, got {self.kind!r}")
         if self.on_disk and not self.is_ivf:
             raise ValueError(f"on_disk=True needs an IVF index, got {self.factory!r}; use kind 'ivf' or 'ivfpq'")
+        if self.on_disk and self.fast_scan:
+            raise ValueError(
+                f"on_disk=True is not possible for {self.factory!r}: FAISS's on-disk lists cannot hold fast-scan "
+                "codes; use kind 'ivfpq' for on-disk lists, or keep the lists in memory"
+            )
 
     @property
     def is_ivf(self) -> bool:
         """Whether the index has inverted lists (and so an `nprobe` knob and optional on-disk lists)."""
         return self.nlist > 0 or "IVF" in self.factory
+
+    @property
+    def is_hnsw(self) -> bool:
+        """Whether the index is an HNSW graph (an `ef_search` knob, deletes as tombstones)."""
+        return self.kind in ("hnsw", "hnswsq") or self.factory.startswith("HNSW")
+
+    @property
+    def fast_scan(self) -> bool:
+        """Whether the codes are 4-bit fast-scan PQ (in-memory lists only)."""
+        return re.search(r"x4fsr?(,|$)", self.factory) is not None
 
     def bytes_per_vector(self, d: int) -> float:
         """Memory each vector costs in RAM (on-disk lists and the re-ranking store are not in RAM)."""
@@ -82,8 +113,13 @@ class IndexSpec:
             return 0.0
         if self.kind == "ivfpq":
             return self.pq_m + ID_BYTES
-        if self.kind == "hnsw":
-            return 4 * d + ID_BYTES + 2 * self.hnsw_m * 4 * 1.05  # level 0 keeps 2m int32 links, upper levels ~5%
+        if self.kind == "ivfpqfs":
+            return math.ceil(self.pq_m / 2) + ID_BYTES
+        if self.kind == "ivfsq":
+            return d + ID_BYTES
+        if self.is_hnsw and self.kind != "factory":
+            links = 2 * self.hnsw_m * 4 * 1.05  # level 0 keeps 2m int32 links, upper levels ~5%
+            return (d if self.kind == "hnswsq" else 4 * d) + ID_BYTES + links
         return 4 * d + ID_BYTES
 
     def to_dict(self) -> dict:
@@ -116,6 +152,13 @@ def make_spec(
         spec = IndexSpec("flat", "Flat")
     elif kind == "hnsw":
         spec = IndexSpec("hnsw", f"HNSW{hnsw_m},Flat", hnsw_m=hnsw_m)
+    elif kind == "hnswsq":
+        spec = IndexSpec("hnswsq", f"HNSW{hnsw_m}_SQ8", hnsw_m=hnsw_m)
+    elif kind == "ivfpqfs":
+        spec = _fast_scan(n, d, pq_m or default_fast_scan_m(d))
+    elif kind == "ivfsq":
+        nlist = default_nlist(n)
+        spec = IndexSpec("ivfsq", f"IVF{nlist},SQ8", nlist=nlist, rerank=True)
     elif kind == "ivf":
         nlist = default_nlist(n)
         spec = IndexSpec("ivf", f"IVF{nlist},Flat", nlist=nlist)
@@ -127,18 +170,40 @@ def make_spec(
 
 
 def choose_spec(n: int, d: int, memory_budget: int) -> IndexSpec:
-    """`auto`: the kind for `n` vectors of dimension `d` that fits `memory_budget` bytes (see module docstring)."""
+    """`auto` without trials: the first of `candidates` (see module docstring)."""
+    return candidates(n, d, memory_budget)[0]
+
+
+def candidates(n: int, d: int, memory_budget: int) -> list[IndexSpec]:
+    """The kinds `auto` may build for `n` vectors of dimension `d` within `memory_budget` bytes, most
+    accurate first: exact search alone for small collections; else those of IVF-Flat, IVF-SQ8 and
+    fast-scan IVF-PQ (IVF-PQ for odd d) that fit; IVF-PQ with on-disk lists when none does."""
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}; pass e.g. '4G'")
     room = memory_budget * BUDGET_FRACTION
-    full = n * (4 * d + ID_BYTES)
-    if n <= FLAT_MAX_VECTORS and full <= room:
-        return IndexSpec("flat", "Flat")
-    if full <= room:
-        nlist = default_nlist(n)
-        return IndexSpec("ivf", f"IVF{nlist},Flat", nlist=nlist)
-    spec = _ivfpq(n, d, default_pq_m(d))
-    return spec if n * spec.bytes_per_vector(d) <= room else replace(spec, on_disk=True)
+    if n <= FLAT_MAX_VECTORS and n * (4 * d + ID_BYTES) <= room:
+        return [IndexSpec("flat", "Flat")]
+    nlist = default_nlist(n)
+    specs = [IndexSpec("ivf", f"IVF{nlist},Flat", nlist=nlist), make_spec("ivfsq", n, d)]
+    pq = _ivfpq(n, d, default_pq_m(d))
+    specs.append(_fast_scan(n, d, default_fast_scan_m(d)) if d % 2 == 0 else pq)  # fast scan pairs 4-bit codes
+    fit = [
+        s
+        for s in specs
+        if n * (s.bytes_per_vector(d) + 4 * d * s.nlist / max(n, 1)) <= room and _buildable(s, n, d, memory_budget)
+    ]
+    return fit or [replace(pq, on_disk=True)]
+
+
+def _buildable(spec: IndexSpec, n: int, d: int, memory_budget: int) -> bool:
+    """Whether building `spec` (its training sample and blocks, not only the finished index) fits the budget."""
+    from .ondisk import plan_build  # sizes builds of these kinds: imports this module
+
+    try:
+        plan_build(spec, n, d, memory_budget)
+    except ValueError:
+        return False
+    return True
 
 
 def default_nlist(n: int) -> int:
@@ -159,6 +224,24 @@ def default_pq_m(d: int) -> int:
         if m <= max(1, d // 4):
             return m
     return 1
+
+
+def default_fast_scan_m(d: int) -> int:
+    """4-bit sub-quantizers for fast scan: 64 (32 bytes a code, 40 with the id), or one per 2 dimensions
+    below d=128 (fewer, and 16 centroids each cannot tell neighbours apart even after re-ranking: 4 on
+    d=32 left recall@10 at 0.58 with 160 candidates re-ranked, 16 gave 0.997); an even divisor of d
+    (FAISS packs codes in pairs)."""
+    for m in range(min(64, max(2, d // 2)), 1, -1):
+        if d % m == 0 and m % 2 == 0:
+            return m
+    return 2
+
+
+def _fast_scan(n: int, d: int, m: int) -> IndexSpec:
+    if m <= 0 or m > d or d % m:
+        raise ValueError(f"pq_m must divide the dimension {d} for fast-scan PQ, got {m}; e.g. {default_fast_scan_m(d)}")
+    nlist = default_nlist(n)
+    return IndexSpec("ivfpqfs", f"IVF{nlist},PQ{m}x4fs", nlist=nlist, pq_m=m, rerank=True)
 
 
 def _ivfpq(n: int, d: int, m: int) -> IndexSpec:

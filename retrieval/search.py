@@ -27,6 +27,7 @@ from vlm.images import load_image
 from vlm.model import CLIP
 from vlm.transforms import image_transform
 
+from .dedup import Diversity, diverse_search
 from .index import SearchParams, VectorIndex, set_threads
 from .kinds import IndexSpec
 from .metadata import METADATA_FILE, Item, MetadataStore
@@ -52,7 +53,8 @@ class Hit:
 
 @dataclass
 class SearchResults:
-    """`hits[i]` for query i, best first; `D`, `I` are FAISS's (nq, k) score and id arrays (-1: no result)."""
+    """`hits[i]` for query i, best first (in MMR's order with `mmr=`); `D`, `I` are FAISS's (nq, k) score
+    and id arrays (-1: no result)."""
 
     D: np.ndarray
     I: np.ndarray
@@ -148,12 +150,16 @@ class SearchIndex:
         ids: Sequence[int] | None = None,
         fingerprint: str | None = None,
         params: SearchParams | None = None,
+        dedup: float | None = None,
+        mmr: float | None = None,
     ) -> SearchResults:
         """Nearest items to each query vector (a (d,) vector or an (nq, d) batch; L2-normalised here).
 
         `where` restricts the search to items matching a metadata filter (`retrieval.filters`; FilterError,
         a ValueError, when it is not one), `ids` to those ids (both may be given). `fingerprint` names the
-        model that embedded the queries: a different one is refused.
+        model that embedded the queries: a different one is refused. `dedup` (a cosine in (0, 1]) drops
+        results that near-duplicate a better one, `mmr` (lambda in [0, 1]) re-ranks by maximal marginal
+        relevance (`retrieval.dedup`); dedup may leave fewer than k results.
         """
         if fingerprint is not None and fingerprint != self.fingerprint:
             raise ValueError(
@@ -162,10 +168,14 @@ class SearchIndex:
             )
         if not isinstance(k, int) or k <= 0:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        diversity = Diversity(dedup, mmr)
         xq = self._queries(xq)
         version = self._version
         allowed = _allowed(version.meta, where, ids)
-        found = version.index.search(xq, k, allowed=allowed, params=params)
+        if diversity.active:
+            found = diverse_search(version.index, xq, k, diversity, allowed=allowed, params=params)
+        else:
+            found = version.index.search(xq, k, allowed=allowed, params=params)
         rows = version.meta.get_many(found.I.ravel().tolist())
         hits = [
             [_hit(item, float(s)) for item, s in zip(rows[i * k : (i + 1) * k], found.D[i]) if item is not None]
@@ -173,14 +183,33 @@ class SearchIndex:
         ]
         return SearchResults(found.D, found.I, hits)
 
-    def search_text(self, texts: str | Sequence[str], k: int = 10, *, where: str | None = None) -> SearchResults:
-        """Items nearest to each text (one query per string)."""
+    def search_text(
+        self,
+        texts: str | Sequence[str],
+        k: int = 10,
+        *,
+        where: str | None = None,
+        dedup: float | None = None,
+        mmr: float | None = None,
+    ) -> SearchResults:
+        """Items nearest to each text (one query per string); `where`, `dedup`, `mmr` as in `search_vector`."""
+        Diversity(dedup, mmr)  # a bad value fails before the model loads
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return self.search_vector(embed_texts(self.model, texts).numpy(), k, where=where)
+        return self.search_vector(embed_texts(self.model, texts).numpy(), k, where=where, dedup=dedup, mmr=mmr)
 
-    def search_image(self, images: Any | Sequence[Any], k: int = 10, *, where: str | None = None) -> SearchResults:
-        """Items nearest to each image (paths, bytes, PIL images, arrays: what `vlm.load_image` reads).
-        On a caption index this is image-to-text retrieval. An unreadable image raises ImageLoadError."""
+    def search_image(
+        self,
+        images: Any | Sequence[Any],
+        k: int = 10,
+        *,
+        where: str | None = None,
+        dedup: float | None = None,
+        mmr: float | None = None,
+    ) -> SearchResults:
+        """Items nearest to each image (paths, bytes, PIL images, arrays: what `vlm.load_image` reads);
+        `where`, `dedup`, `mmr` as in `search_vector`. On a caption index this is image-to-text retrieval.
+        An unreadable image raises ImageLoadError."""
+        Diversity(dedup, mmr)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         model = self.model
         transform = image_transform(model)
@@ -189,7 +218,7 @@ class SearchIndex:
         batch = torch.stack([transform(load_image(image, draft_size=draft)) for image in images])
         with torch.inference_mode():
             xq = model.encode_image(batch.to(model.logit_scale.device, model.logit_scale.dtype), normalize=True)
-        return self.search_vector(xq.float().cpu().numpy(), k, where=where)
+        return self.search_vector(xq.float().cpu().numpy(), k, where=where, dedup=dedup, mmr=mmr)
 
     def _queries(self, xq: np.ndarray | torch.Tensor) -> np.ndarray:
         if isinstance(xq, torch.Tensor):

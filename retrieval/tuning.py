@@ -193,7 +193,7 @@ def _choose(vindex: VectorIndex, measure: Measure, target: float) -> tuple[Searc
                     break
             return params, recall
         return _smallest(lambda v: replace(base, nprobe=v), 1, nlist, measure, target)
-    if base.ef_search or vindex.spec.kind == "hnsw":
+    if base.ef_search or vindex.spec.is_hnsw:
         return _smallest(lambda v: replace(base, ef_search=v), 16, _EF_MAX, measure, target)
     return base, measure(base)  # no knobs (exact search): measured all the same, a damaged index shows
 

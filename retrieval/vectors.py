@@ -7,6 +7,8 @@ filtered subsets, and the input to rebuild an index of another kind, without hol
 
 from __future__ import annotations
 
+import mmap as mmap_module
+from mmap import PAGESIZE
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -72,16 +74,42 @@ class VectorStore:
         return out
 
     def chunks(self, size: int = CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, xb) in ascending id order, `size` rows at a time, each chunk in RAM."""
+        """(ids, xb) in ascending id order, `size` rows at a time: views of the memory-mapped files (copies
+        otherwise), whose pages leave this process's resident set once the next chunk is asked for."""
         for start in range(0, len(self.ids), size):
             yield np.asarray(self.ids[start : start + size]), np.ascontiguousarray(self.xb[start : start + size])
+            _drop_pages(self.xb, start, start + size)
+            _drop_pages(self.ids, start, start + size)
 
     def sample(self, count: int, seed: int = 0) -> np.ndarray:
-        """`count` random rows (all of them if fewer), read in order."""
+        """`count` random rows (all of them, uncopied, if fewer), read in order, CHUNK rows at a time so
+        that the pages read leave the resident set as they go (see `chunks`)."""
         if count >= len(self.ids):
             return np.ascontiguousarray(self.xb)
         rows = np.sort(np.random.default_rng(seed).choice(len(self.ids), count, replace=False))
-        return np.ascontiguousarray(self.xb[rows])
+        out = np.empty((count, self.dim), dtype=np.float32)
+        for start in range(0, count, CHUNK):
+            part = rows[start : start + CHUNK]
+            out[start : start + len(part)] = self.xb[part]
+            _drop_pages(self.xb, int(part[0]), int(part[-1]) + 1)
+        return out
+
+
+def _drop_pages(array: np.ndarray, start: int, stop: int) -> None:
+    """Unmaps rows [start, stop) of a memory-mapped `array` from this process (they stay in the page
+    cache): a pass over a store larger than RAM then keeps only about one chunk resident, instead of
+    every page it touched until the kernel evicts them. Nothing for arrays in RAM."""
+    mapping = getattr(array, "_mmap", None)
+    advice = getattr(mmap_module, "MADV_DONTNEED", None)
+    if mapping is None or advice is None or stop <= start:
+        return
+    row = array.strides[0]
+    base = np.frombuffer(mapping, np.uint8).ctypes.data
+    first = array.ctypes.data - base + start * row
+    last = array.ctypes.data - base + min(stop, len(array)) * row
+    first -= first % PAGESIZE  # madvise wants page-aligned starts; a shared page just faults back in
+    if last > first:
+        mapping.madvise(advice, first, last - first)
 
 
 def _load(path: Path, mmap: bool) -> np.ndarray:

@@ -28,10 +28,13 @@ KINDS = [
     ("hnsw", False, SearchParams(ef_search=512), 0.99),
     ("ivfpq", False, SearchParams(nprobe=10_000, rerank=16), 0.9),
     ("ivfpq", True, SearchParams(nprobe=10_000, rerank=16), 0.9),
+    ("ivfpqfs", False, SearchParams(nprobe=10_000, rerank=16), 0.9),
+    ("ivfsq", False, SearchParams(nprobe=10_000, rerank=2), 0.98),
+    ("hnswsq", False, SearchParams(ef_search=512), 0.95),
     ("IVF32,SQ8", False, SearchParams(nprobe=10_000), 0.9),
     ("HNSW16", False, SearchParams(ef_search=256), 0.98),
 ]
-EXACT_SCORES = {"flat", "ivf", "hnsw", "ivfpq", "HNSW16"}  # scores are true cosines (ivfpq: re-ranked)
+EXACT_SCORES = {"flat", "ivf", "hnsw", "ivfpq", "ivfpqfs", "ivfsq", "HNSW16"}  # true cosines (ivfpq*: re-ranked)
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +91,12 @@ def test_auto_picks_by_size_and_memory():
     assert choose_spec(10_000, 512, 4 * gib).kind == "flat"
     ivf = choose_spec(1_000_000, 512, 4 * gib)
     assert (ivf.kind, ivf.nlist, ivf.on_disk) == ("ivf", 4096, False)
-    pq = choose_spec(1_000_000, 512, gib)  # 2 GB of vectors do not fit; 32-byte codes do
-    assert (pq.kind, pq.on_disk, pq.rerank) == ("ivfpq", False, True)
-    assert pq.bytes_per_vector(512) <= 64
-    assert pq.factory == "OPQ32_512,IVF4096,PQ32np"
+    assert choose_spec(1_000_000, 512, gib).kind == "ivfsq"  # 2 GB of floats do not fit; 512 MB of SQ8 codes do
+    pq = choose_spec(1_000_000, 512, 256 << 20)  # only 32-byte fast-scan codes fit
+    assert (pq.kind, pq.on_disk, pq.rerank) == ("ivfpqfs", False, True)
+    assert pq.bytes_per_vector(512) <= 40
+    assert pq.factory == "IVF4096,PQ64x4fs"
+    assert make_spec("ivfpq", 1_000_000, 512).factory == "OPQ32_512,IVF4096,PQ32np"
     huge = choose_spec(100_000_000, 512, 4 * gib)
     assert (huge.kind, huge.on_disk) == ("ivfpq", True)
     assert choose_spec(60_000, 512, 4 * gib).kind == "ivf"  # past the exact-search size
@@ -106,7 +111,7 @@ def test_auto_picks_by_size_and_memory():
         IndexSpec("hnsw", "HNSW32,Flat", hnsw_m=32, on_disk=True)
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq", "ivfpqfs", "hnswsq"])
 def test_tuning_reaches_the_recall_it_promises(kind, data, store, tmp_path):
     vindex = _build(kind, False, store, tmp_path)
     tuning_queries, held_out = data.xq[:300], data.xq[300:]
@@ -117,9 +122,9 @@ def test_tuning_reaches_the_recall_it_promises(kind, data, store, tmp_path):
     held_out_recall = recall_vs_exact(vindex.search(held_out, 10).I, exact_search(held_out, store, 10).I)
     assert held_out_recall >= 0.88, (report.params, held_out_recall)
     # and the knob is the smallest that keeps the promise: one step less misses it
-    knob = "nprobe" if kind != "hnsw" else "ef_search"
+    knob = "nprobe" if not kind.startswith("hnsw") else "ef_search"
     value = getattr(report.params, knob)
-    if value > (16 if kind == "hnsw" else 1):
+    if value > (16 if knob == "ef_search" else 1):
         smaller = SearchParams(**{**report.params.to_dict(), knob: value - 1})
         trial = next(t for t in report.trials if t[knob] == value - 1 and t["rerank"] == report.params.rerank)
         assert trial["lower_bound"] < 0.9
@@ -131,10 +136,10 @@ def test_tuning_reaches_the_recall_it_promises(kind, data, store, tmp_path):
         )
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])  # ivfpqfs: tests/test_retrieval_kinds.py
 def test_ids_survive_removes_and_upserts(kind, data, store, tmp_path):
     vindex = _build(kind, False, store, tmp_path)
-    exhaustive = SearchParams(nprobe=10_000, ef_search=512, rerank=16 if kind == "ivfpq" else 0)
+    exhaustive = SearchParams(nprobe=10_000, ef_search=512, rerank=16 if kind.startswith("ivfpq") else 0)
     ids = np.asarray(store.ids)
     rng = np.random.default_rng(0)
     removed = rng.choice(ids, N // 3, replace=False)
@@ -155,7 +160,7 @@ def test_ids_survive_removes_and_upserts(kind, data, store, tmp_path):
     found = vindex.search(new_xb, 1, params=exhaustive)
     assert (found.I[:, 0] == again).mean() >= 0.96
     old = vindex.search(data.xb[store.rows(again)], 1, params=exhaustive)
-    assert (old.I[:, 0] != again).all() or kind == "ivfpq"  # a PQ code may still rank a near duplicate first
+    assert (old.I[:, 0] != again).all() or kind.startswith("ivfpq")  # a PQ code may still rank a near duplicate first
     if kind == "hnsw":
         assert vindex.dead == len(removed) and vindex.needs_compaction()
 
@@ -171,12 +176,12 @@ def test_hnsw_tombstones_survive_write_and_read(data, store, tmp_path):
     assert not np.isin(found.I, removed).any()
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq", "ivfpqfs"])
 @pytest.mark.parametrize("subset", ["large", "small"])
 def test_filters_return_only_matching_items(kind, subset, data, store, tmp_path, monkeypatch):
     monkeypatch.setattr("retrieval.index.EXACT_SUBSET_MAX", 1000)  # the subset sizes below straddle it
     vindex = _build(kind, False, store, tmp_path)
-    vindex.params = SearchParams(nprobe=8, ef_search=64, rerank=4 if kind == "ivfpq" else 0)
+    vindex.params = SearchParams(nprobe=8, ef_search=64, rerank=4 if kind.startswith("ivfpq") else 0)
     labels = data.labels
     clusters = np.unique(labels)[:: 2 if subset == "large" else 15]
     allowed = np.asarray(store.ids)[np.isin(labels, clusters)]

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from ..search import SearchIndex
+from .metrics import MetricsMiddleware
 from .request_checks import check_host
 from .routes import build_router
 from .state import LOCAL_HOSTS, ServiceConfig, ServiceState
@@ -37,6 +38,7 @@ def create_app(
     app.state.service = state
     app.state.index, app.state.batcher, app.state.image_batcher = index, state.batcher, state.image_batcher
     app.middleware("http")(check_host)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # added last: outermost, so refused hosts count too
     app.include_router(build_router(config.max_k))
     return app
 

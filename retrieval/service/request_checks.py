@@ -12,12 +12,15 @@ import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..dedup import Diversity
+
 __all__ = [
     "INT64_MAX",
     "MULTIPART_OVERHEAD",
     "check_host",
     "check_pixels",
     "form_int",
+    "form_diversity",
     "host_name",
     "load_json",
     "read_form",
@@ -61,6 +64,26 @@ def form_int(value: Any, default: int, maximum: int) -> int:
     if not 1 <= k <= maximum:
         raise HTTPException(422, f"k must be between 1 and {maximum}, got {k}")
     return k
+
+
+def form_diversity(dedup: Any, mmr: Any) -> Diversity:
+    """`dedup=` and `mmr=` (query or form strings, JSON numbers, or absent) as a `Diversity`; 422 with the
+    library's message for a value it refuses, as for a bad k."""
+    try:
+        return Diversity(_form_number("dedup", dedup), _form_number("mmr", mmr))
+    except (TypeError, ValueError) as err:
+        raise HTTPException(422, str(err)) from None
+
+
+def _form_number(name: str, value: Any) -> Any:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        return value  # a JSON value: `Diversity` refuses what is not a number
+    try:
+        return float(value)
+    except ValueError:
+        raise HTTPException(422, f"{name} must be a number, got {value!r}") from None
 
 
 async def read_limited(request: Any, limit: int) -> bytes:

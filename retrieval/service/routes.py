@@ -18,10 +18,13 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from vlm.images import ImageLoadError, load_image
 
+from ..dedup import Diversity
 from ..metadata import Item
 from ..search import Hit
 from .file_guard import IMAGE_TYPES, FileGuard, file_chunks
-from .request_checks import INT64_MAX, MULTIPART_OVERHEAD, check_pixels, form_int, load_json, read_form, read_limited
+from .metrics import metrics_text
+from .request_checks import INT64_MAX, MULTIPART_OVERHEAD, check_pixels, form_diversity, form_int, load_json
+from .request_checks import read_form, read_limited
 from .state import ServiceState
 
 __all__ = ["build_router"]
@@ -40,6 +43,7 @@ def build_router(max_k: int) -> APIRouter:
     router.add_api_route("/", _page, name="page", response_class=HTMLResponse, include_in_schema=False)
     router.add_api_route("/health", _health, name="health")
     router.add_api_route("/info", _info, name="info")
+    router.add_api_route("/metrics", metrics_text, name="metrics", include_in_schema=False)  # Prometheus text
     router.add_api_route("/search", search_get, name="search_get")
     router.add_api_route("/search", _search_post, name="search_post", methods=["POST"])
     router.add_api_route("/items/{item_id}", _item, name="item")
@@ -81,16 +85,19 @@ def _search_get(
     like: int | None = Query(None, ge=0, le=INT64_MAX, description="id of an item: find items like it"),
     k: int = Query(10, ge=1, description="number of results"),  # `build_router` adds the app's upper bound
     where: str | None = Query(None, description="metadata filter, e.g. label = 'cat' (see the README's grammar)"),
+    dedup: float | None = Query(None, description="drop results with at least this cosine, in (0, 1], to a better one"),
+    mmr: float | None = Query(None, description="re-rank by maximal marginal relevance with this lambda in [0, 1]"),
 ) -> dict[str, Any]:
     if (text is None) == (like is None):
         raise HTTPException(422, "give exactly one of text= or like=")
+    ranking = form_diversity(dedup, mmr)
     if like is not None:
-        return _search(state, _vector_of(state, like), k, where)
+        return _search(state, _vector_of(state, like), k, where, ranking)
     if not text.strip():
         raise HTTPException(422, "text is empty")
     if len(text) > state.config.max_text_chars:
         raise HTTPException(422, f"text is longer than {state.config.max_text_chars} characters")
-    return _search(state, state.batcher.embed(text), k, where)
+    return _search(state, state.batcher.embed(text), k, where, ranking)
 
 
 async def _search_post(request: Request, state: ServiceState = Depends(_service)) -> dict[str, Any]:
@@ -106,7 +113,8 @@ async def _search_post(request: Request, state: ServiceState = Depends(_service)
             raise HTTPException(422, "multipart body needs an `image` file field")
         data = await upload.read(config.max_upload_bytes + 1)
         k = form_int(form.get("k"), 10, config.max_k)
-        return _search(state, _embed_upload(state, data), k, form.get("where") or None)
+        ranking = form_diversity(form.get("dedup"), form.get("mmr"))
+        return _search(state, _embed_upload(state, data), k, form.get("where") or None, ranking)
     raise HTTPException(415, "send multipart/form-data with an `image` file, or JSON {\"embedding\": [...]}")
 
 
@@ -129,7 +137,7 @@ def _thumbnail(item_id: int = ITEM_ID, state: ServiceState = Depends(_service)) 
 
 
 # ---- what the routes do --------------------------------------------------------------------------
-def _search(state: ServiceState, xq: np.ndarray, k: int, where: Any) -> dict[str, Any]:
+def _search(state: ServiceState, xq: np.ndarray, k: int, where: Any, ranking: Diversity) -> dict[str, Any]:
     """The response of a search for the vector `xq`: hits with scores and metadata, and the time taken."""
     config = state.config
     if where is not None and not isinstance(where, str):
@@ -139,7 +147,8 @@ def _search(state: ServiceState, xq: np.ndarray, k: int, where: Any) -> dict[str
         raise HTTPException(422, f"where is longer than {config.max_where_chars} characters")
     started = time.perf_counter()
     try:
-        results = state.index.search_vector(np.asarray(xq, dtype=np.float32).reshape(1, -1), k=k, where=where or None)
+        xq = np.asarray(xq, dtype=np.float32).reshape(1, -1)
+        results = state.index.search_vector(xq, k=k, where=where or None, dedup=ranking.dedup, mmr=ranking.mmr)
     except ValueError as err:  # a bad filter (retrieval.filters), or one over its time limit
         raise HTTPException(400, str(err)) from err
     except sqlite3.ProgrammingError as err:  # the metadata was closed under it: the service is stopping
@@ -174,7 +183,9 @@ def _vector_of(state: ServiceState, item_id: int) -> np.ndarray:
 
 def _search_embedding(state: ServiceState, payload: Any) -> dict[str, Any]:
     if not isinstance(payload, dict) or not isinstance(payload.get("embedding"), list):
-        raise HTTPException(422, 'JSON body must be {"embedding": [numbers], "k": int, "where": "filter"}')
+        raise HTTPException(
+            422, 'JSON body must be {"embedding": [numbers], "k": int, "where": "filter", "dedup": 0.95, "mmr": 0.5}'
+        )
     numbers = payload["embedding"]
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
         raise HTTPException(422, "embedding must be a list of numbers")
@@ -187,7 +198,8 @@ def _search_embedding(state: ServiceState, payload: Any) -> dict[str, Any]:
     k = payload.get("k", 10)
     if isinstance(k, bool) or not isinstance(k, int):
         raise HTTPException(422, f"k must be an integer, got {k!r}")
-    return _search(state, vector, form_int(k, 10, state.config.max_k), payload.get("where"))
+    ranking = form_diversity(payload.get("dedup"), payload.get("mmr"))
+    return _search(state, vector, form_int(k, 10, state.config.max_k), payload.get("where"), ranking)
 
 
 def _embed_upload(state: ServiceState, data: bytes) -> np.ndarray:

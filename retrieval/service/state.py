@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..search import SearchIndex
 from .file_guard import FileGuard, ThumbnailCache
+from .metrics import ServiceMetrics
 
 __all__ = ["LOCAL_HOSTS", "ServiceConfig", "MicroBatcher", "ServiceState"]
 
@@ -60,12 +62,16 @@ class ServiceConfig:
 class MicroBatcher:
     """Collects texts from concurrent requests and embeds them together in one worker thread."""
 
-    def __init__(self, embed: Any, *, window_ms: float = 5.0, max_batch: int = 64) -> None:
+    def __init__(
+        self, embed: Any, *, window_ms: float = 5.0, max_batch: int = 64, on_batch: Callable[[int], None] | None = None
+    ) -> None:
         self._embed = embed  # callable: list[str] -> (n, E) array
+        self._on_batch = on_batch  # called with each batch's size (the service's metrics)
         self._window = window_ms / 1000
         self._max_batch = max_batch
         self._queue: queue.Queue[tuple[str, Future]] = queue.Queue()
-        self.batches: list[int] = []  # sizes of the batches run (for tests and /info)
+        # sizes of the last batches run (for tests); bounded, the service runs for months
+        self.batches: collections.deque[int] = collections.deque(maxlen=1024)
         self._thread = threading.Thread(target=self._run, name="vlm-embedder", daemon=True)
         self._thread.start()
 
@@ -98,6 +104,8 @@ class MicroBatcher:
         while True:
             items = self._collect()
             self.batches.append(len(items))
+            if self._on_batch is not None:
+                self._on_batch(len(items))
             try:
                 vectors = self._embed([text for text, _ in items])
                 for (_, future), vector in zip(items, vectors):
@@ -123,6 +131,7 @@ class ServiceState:
     fields: list[dict[str, Any]]  # filters offered on the page
     transform: Any  # the model's image preprocessing, run in the request's thread
     allowed_hosts: frozenset[str]
+    metrics: ServiceMetrics  # served at /metrics
 
     @classmethod
     def start(
@@ -132,17 +141,19 @@ class ServiceState:
         `vlm.onnx.OnnxCLIP`), queries are embedded by onnxruntime and the torch model is never loaded."""
         embed_texts, embed_images, transform = _onnx_embedders(index, onnx) if onnx is not None else _embedders(index)
         batching = {"window_ms": config.batch_window_ms, "max_batch": config.max_batch}
+        metrics = ServiceMetrics.create(index)
         return cls(
             index=index,
             config=config,
             model_name=model_name,
-            batcher=MicroBatcher(embed_texts, **batching),
-            image_batcher=MicroBatcher(embed_images, **batching),
+            batcher=MicroBatcher(embed_texts, on_batch=metrics.batch_observer("text"), **batching),
+            image_batcher=MicroBatcher(embed_images, on_batch=metrics.batch_observer("image"), **batching),
             guard=FileGuard(index, config.roots),
             thumbnails=ThumbnailCache(config.thumbnail_size),
             fields=_filter_fields(index, config.filter_fields),
             transform=transform,
             allowed_hosts=frozenset(h.lower().strip("[]") for h in config.allowed_hosts),
+            metrics=metrics,
         )
 
 
