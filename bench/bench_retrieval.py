@@ -32,9 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import best_time, print_table  # noqa: E402
 from synthetic import clustered_vectors  # noqa: E402
 
+from retrieval.build import BuildOptions  # noqa: E402
 from retrieval.index import INDEX_FILE, LISTS_FILE, VectorIndex, exact_search, set_threads  # noqa: E402
 from retrieval.kinds import default_memory_budget, format_bytes, make_spec, parse_memory  # noqa: E402
-from retrieval.plan import SAMPLE, plan_index  # noqa: E402
+from retrieval.plan import plan_for_build  # noqa: E402
 from retrieval.tuning import recall_vs_exact, tune  # noqa: E402
 from retrieval.vectors import write_vectors  # noqa: E402
 
@@ -133,16 +134,12 @@ def main() -> None:
 
 
 def auto_spec(store, tune_q, budget, args):
+    """What `vlm index build --kind auto` builds here: the same plan (`retrieval.plan.plan_for_build`)."""
     start = time.perf_counter()
-    plan = plan_index(
-        store.sample(min(len(store), SAMPLE)),
-        tune_q,
-        len(store),
-        memory_budget=budget,
-        max_query_ms=args.max_query_ms,
-        target_recall=args.target,
-        k=K,
-    )
+    options = BuildOptions(kind="auto", max_query_ms=args.max_query_ms, target_recall=args.target, k=K)
+    plan = plan_for_build(store, tune_q, options, budget)
+    if plan is None:  # nothing to choose between
+        return make_spec("auto", len(store), store.dim, memory_budget=budget)
     print(plan.summary(), f"\n  (planned in {time.perf_counter() - start:.0f}s)", flush=True)
     return plan.chosen
 
