@@ -20,10 +20,12 @@
 3. Patch dropout (`model.patch_dropout`, FLIP): the time of one `train_step` at patch dropout 0.5
    against 0 on `--dropout-model` (ViT-B-16) at `--dropout-batch` (a CPU's batch), the same run and
    weights switched between the two in interleaved rounds (best of `--steps` each). Target: >= 1.6x.
-   Then the quick digits run (training/configs/digits_tiny.yaml, 100 steps) three times, same seed, data,
-   steps and evaluation: without patch dropout, with 0.5, and with 0.5 and FLIP's unmasked tuning (the
-   last `--unmasked-steps` steps on every patch, `model.patch_dropout_unmasked_steps`): held-out zero-shot
-   top-1. Target: within 1 point. `--only patch-dropout-speed` / `patch-dropout-accuracy` run one half.
+   Then the quick digits run (training/configs/digits_tiny.yaml) for `--digits-steps` (300: its 100 steps
+   leave every variant short of convergence) three ways with the same data, steps and evaluation: without
+   patch dropout, with 0.5, and with 0.5 and FLIP's unmasked tuning (the last `--unmasked-steps` steps on
+   every patch, `model.patch_dropout_unmasked_steps`), each with the seeds 0 to `--seeds` - 1: held-out
+   zero-shot top-1. Target: the means within 1 point.
+   `--only patch-dropout-speed` / `patch-dropout-accuracy` run one half.
 """
 
 from __future__ import annotations
@@ -235,23 +237,25 @@ def bench_patch_dropout_speed(args) -> float:
     return ratio
 
 
-def _digits_top1(data, folder, extra: list[str]) -> tuple[float, float]:
-    """The quick digits run's held-out zero-shot top-1 and its training seconds."""
+def _digits_top1(data, folder, steps: int, seed: int, extra: list[str]) -> tuple[float, float]:
+    """The quick digits run's held-out zero-shot top-1 and its training seconds, trained for `steps`."""
     from training.config import load_config
     from training.loop import train
 
     overrides = [f"output_dir={folder}", f"data.train={data.train.table}", f"eval.zeroshot={data.test.table}"]
-    torch.manual_seed(0)
+    overrides += [f"schedule.steps={steps}", f"seed={seed}"]
+    torch.manual_seed(seed)
     result = train(load_config(ROOT / "training" / "configs" / "digits_tiny.yaml", overrides + extra))
     return result.metrics["zeroshot_top1"], result.seconds
 
 
 def bench_patch_dropout_accuracy(args, step_ratio: float | None = None) -> None:
-    """The quick digits run without patch dropout, with 0.5, and with 0.5 ending on unmasked steps; with the
-    speed section's `step_ratio`, the whole run's speed-up that the unmasked steps leave."""
+    """The quick digits run without patch dropout, with 0.5, and with 0.5 ending on unmasked steps, for each
+    of `--seeds` seeds; with the speed section's `step_ratio`, the whole run's speed-up that the unmasked
+    steps leave."""
     from demo.sample_data import write_digits
 
-    n = args.unmasked_steps
+    n, steps, seeds = args.unmasked_steps, args.digits_steps, range(args.seeds)
     cases = {
         "none": [],
         "0.5": ["model.patch_dropout=0.5"],
@@ -263,18 +267,28 @@ def bench_patch_dropout_accuracy(args, step_ratio: float | None = None) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="bench_patch_dropout_") as tmp:
             data = write_digits(os.path.join(tmp, "digits"))
-            folders = {label: os.path.join(tmp, f"run_{i}") for i, label in enumerate(cases)}
-            runs = {label: _digits_top1(data, folders[label], extra) for label, extra in cases.items()}
+            runs = {
+                label: [_digits_top1(data, os.path.join(tmp, f"run_{i}_{seed}"), steps, seed, extra) for seed in seeds]
+                for i, (label, extra) in enumerate(cases.items())
+            }
     finally:
         torch.set_num_threads(threads)
-    rows = [(label, f"{100 * top1:.1f}%", f"{seconds:.0f}") for label, (top1, seconds) in runs.items()]
-    title = "quick digits run (tiny preset: 4x4 = 16 patches, 100 steps): held-out zero-shot top-1"
-    print_table(title, rows, ("patch dropout", "top-1", "train s"))
+    mean = {label: 100 * statistics.mean(top1 for top1, _ in results) for label, results in runs.items()}
+    rows = [
+        (
+            label,
+            *(f"{100 * top1:.1f}%" for top1, _ in results),
+            f"{mean[label]:.1f}%",
+            f"{statistics.mean(s for _, s in results):.0f}",
+        )
+        for label, results in runs.items()
+    ]
+    title = f"quick digits run (tiny preset: 4x4 = 16 patches, {steps} steps): held-out zero-shot top-1"
+    print_table(title, rows, ("patch dropout", *(f"seed {seed}" for seed in seeds), "mean", "train s"))
     for label in list(cases)[1:]:
-        gap = 100 * (runs["none"][0] - runs[label][0])
-        print(f"top-1 without - with patch dropout {label}: {gap:+.1f} points (target within 1 point)")
+        gap = mean["none"] - mean[label]
+        print(f"mean top-1 without - with patch dropout {label}: {gap:+.1f} points (target within 1 point)")
     if step_ratio:
-        steps = 100  # digits_tiny.yaml's schedule.steps
         whole = steps / ((steps - n) / step_ratio + n)
         print(f"whole-run speed-up at {step_ratio:.2f}x per dropout step, last {n} of {steps} unmasked: {whole:.2f}x")
 
@@ -297,7 +311,9 @@ def main() -> None:
     parser.add_argument("--only", choices=sections, help="run this section alone")
     parser.add_argument("--dropout-model", default="ViT-B-16")
     parser.add_argument("--dropout-batch", type=int, default=8)
-    parser.add_argument("--unmasked-steps", type=int, default=20, help="FLIP's unmasked tuning in the digits run")
+    parser.add_argument("--digits-steps", type=int, default=300, help="steps of each digits run")
+    parser.add_argument("--seeds", type=int, default=3, help="digits runs of each kind, seeds 0, 1, ...")
+    parser.add_argument("--unmasked-steps", type=int, default=60, help="FLIP's unmasked tuning in the digits run")
     args = parser.parse_args()
     if _wanted(args, "steps", args.skip_steps):
         bench_steps(args)
