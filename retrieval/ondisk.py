@@ -100,6 +100,8 @@ def wanted_train_rows(spec: IndexSpec, n: int) -> int:
 def _or_else(spec: IndexSpec, resident: int) -> str:
     if not resident:
         return ""
+    if spec.fast_scan:  # FAISS's on-disk lists cannot hold fast-scan codes
+        return ", or build --kind ivfpq --on-disk"
     return ", or keep the lists on disk (--on-disk)" if spec.is_ivf else ", or let --kind auto pick a kind that fits"
 
 

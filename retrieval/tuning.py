@@ -6,7 +6,8 @@ than it is for a text query that lands between clusters.
 
 Each knob is raised along a doubling ladder until the target is met, then bisected down to the smallest
 value that still meets it (recall grows with nprobe and efSearch). IVF-PQ also tries re-ranking depths
-in increasing order and keeps the cheapest that reaches the target.
+in increasing order and keeps the cheapest that reaches the target; when none does, the best knobs
+tried (under a fixed re-ranking depth, recall can fall as nprobe grows).
 
 A result whose exact score ties the k-th exact one counts as found: with duplicate vectors, exact search
 keeps an arbitrary few of the tied ids, and an index that keeps others is just as right. So visiting
@@ -38,7 +39,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RERANK_LADDER = (2, 4, 8, 16)
+RERANK_LADDER = (2, 4, 8, 16, 32, 64, 128, 256)
+# Under a fixed re-ranking depth, a recall this far below the best seen ends the climb of nprobe.
+_FALLING = 0.02
 # Scores within this of the k-th exact score tie with it (cosines; FAISS's kernels give one pair's
 # float32 inner product to ~1e-7, so exact search and an index may order a tie either way).
 TIE_TOLERANCE = 1e-5
@@ -185,23 +188,41 @@ def _choose(vindex: VectorIndex, measure: Measure, target: float) -> tuple[Searc
     if vindex.spec.is_ivf:
         nlist = max(1, vindex.spec.nlist or _nlist(vindex))
         if base.rerank:
-            for rerank in RERANK_LADDER:
-                params, recall = _smallest(
-                    lambda v, r=rerank: replace(base, nprobe=v, rerank=r), 1, nlist, measure, target
-                )
-                if recall[1] >= target:
-                    break
-            return params, recall
+            return _deepest_needed(base, nlist, measure, target)
         return _smallest(lambda v: replace(base, nprobe=v), 1, nlist, measure, target)
     if base.ef_search or vindex.spec.is_hnsw:
         return _smallest(lambda v: replace(base, ef_search=v), 16, _EF_MAX, measure, target)
     return base, measure(base)  # no knobs (exact search): measured all the same, a damaged index shows
 
 
-def _smallest(
-    make: Callable[[int], SearchParams], low: int, high: int, measure: Measure, target: float
+def _deepest_needed(
+    base: SearchParams, nlist: int, measure: Measure, target: float
 ) -> tuple[SearchParams, tuple[float, float]]:
-    """The smallest knob value in [low, high] whose recall's lower bound reaches `target` (else `high`)."""
+    """The smallest re-ranking depth of RERANK_LADDER, and under it the smallest nprobe, that reaches
+    `target`; else the best knobs tried. With a fixed number of candidates, recall need not grow with
+    nprobe: the more lists, the more codes whose approximate score crowds out true neighbours (IVF4096,
+    PQ32x4fs on 1M clustered vectors: recall@10 0.93 with 8 lists and 640 candidates, 0.70 with all lists)."""
+    tried: list[tuple[SearchParams, tuple[float, float]]] = []
+
+    def noted(params: SearchParams) -> tuple[float, float]:
+        tried.append((params, measure(params)))
+        return tried[-1][1]
+
+    for rerank in RERANK_LADDER:
+        params, recall = _smallest(
+            lambda v, r=rerank: replace(base, nprobe=v, rerank=r), 1, nlist, noted, target, falls=True
+        )
+        if recall[1] >= target:
+            return params, recall
+    return max(tried, key=lambda trial: trial[1][1])
+
+
+def _smallest(
+    make: Callable[[int], SearchParams], low: int, high: int, measure: Measure, target: float, *, falls: bool = False
+) -> tuple[SearchParams, tuple[float, float]]:
+    """The smallest knob value in [low, high] whose recall's lower bound reaches `target` (else the last
+    tried). With `falls` (recall may fall as the knob grows), the climb also stops once recall is `_FALLING`
+    below the best seen."""
     seen: dict[int, tuple[float, float]] = {}
 
     def at(value: int) -> float:
@@ -211,6 +232,8 @@ def _smallest(
 
     value, previous = low, low - 1
     while at(value) < target and value < high:
+        if falls and seen[value][0] < max(mean for mean, _ in seen.values()) - _FALLING:
+            break
         previous, value = value, min(high, value * 2)
     if at(value) >= target:
         while value - previous > 1:  # invariant: previous misses (or is below the ladder), value reaches

@@ -86,18 +86,44 @@ def test_written_and_read_back_index_searches_the_same(data, store, tmp_path):
         np.testing.assert_array_equal(again.search(data.xq[:50], 10).I, before.I)
 
 
+def test_reranking_in_bounded_chunks_equals_one_gather(data, store, tmp_path, monkeypatch):
+    """Deep re-ranking (64 x k candidates) gathers a bounded block of queries at a time, with the same result."""
+    vindex = _build("ivfpqfs", False, store, tmp_path)
+    params = SearchParams(nprobe=4, rerank=64)
+    whole = vindex.search(data.xq[:40], 10, params=params)
+    monkeypatch.setattr("retrieval.index._GATHER_BYTES", 3 * 640 * D * 4)  # three queries a gather
+    chunked = vindex.search(data.xq[:40], 10, params=params)
+    np.testing.assert_array_equal(chunked.I, whole.I)
+    np.testing.assert_array_equal(chunked.D, whole.D)
+
+
+def test_store_rows_of_ids_with_and_without_gaps():
+    """Ids without gaps map to rows by arithmetic, ids with gaps by search: the same answer, -1 for absent ids."""
+    from retrieval.vectors import VectorStore
+
+    xb = np.zeros((5, 2), np.float32)
+    asked = np.array([12, 10, 14, 15, 9, -1, 13, 11])
+    dense = VectorStore(np.arange(10, 15, dtype=np.int64), xb)
+    np.testing.assert_array_equal(dense.rows(asked), [2, 0, 4, -1, -1, -1, 3, 1])
+    gapped = VectorStore(np.array([10, 11, 13, 14, 16], dtype=np.int64), xb)
+    np.testing.assert_array_equal(gapped.rows(asked), [-1, 0, 3, -1, -1, -1, 2, 1])
+    assert VectorStore(np.zeros(0, np.int64), xb[:0]).rows(asked).tolist() == [-1] * len(asked)
+
+
 def test_auto_picks_by_size_and_memory():
     gib = 1 << 30
     assert choose_spec(10_000, 512, 4 * gib).kind == "flat"
     ivf = choose_spec(1_000_000, 512, 4 * gib)
     assert (ivf.kind, ivf.nlist, ivf.on_disk) == ("ivf", 4096, False)
     assert choose_spec(1_000_000, 512, gib).kind == "ivfsq"  # 2 GB of floats do not fit; 512 MB of SQ8 codes do
-    pq = choose_spec(1_000_000, 512, 256 << 20)  # only 32-byte fast-scan codes fit
+    pq = choose_spec(1_000_000, 512, 256 << 20)  # only 16-byte fast-scan codes fit
     assert (pq.kind, pq.on_disk, pq.rerank) == ("ivfpqfs", False, True)
-    assert pq.bytes_per_vector(512) <= 40
-    assert pq.factory == "IVF4096,PQ64x4fs"
+    assert pq.bytes_per_vector(512) <= 24
+    assert pq.factory == "IVF4096,PQ32x4fs"
     assert make_spec("ivfpq", 1_000_000, 512).factory == "OPQ32_512,IVF4096,PQ32np"
-    huge = choose_spec(100_000_000, 512, 4 * gib)
+    large = choose_spec(100_000_000, 512, 4 * gib)  # 2.4 GB of fast-scan codes and ids fit in RAM
+    assert (large.kind, large.on_disk) == ("ivfpqfs", False)
+    huge = choose_spec(200_000_000, 512, 4 * gib)  # 4.8 GB do not: IVF-PQ with its lists on disk
     assert (huge.kind, huge.on_disk) == ("ivfpq", True)
     assert choose_spec(60_000, 512, 4 * gib).kind == "ivf"  # past the exact-search size
     assert (
@@ -134,6 +160,24 @@ def test_tuning_reaches_the_recall_it_promises(kind, data, store, tmp_path):
             )
             <= report.recall
         )
+
+
+def test_unreachable_target_keeps_the_best_knobs_not_the_last():
+    """Under a fixed re-ranking depth, recall can peak at some nprobe and fall as more lists crowd the
+    candidates: when no depth reaches the target, tuning keeps the best knobs it tried."""
+    from retrieval.tuning import RERANK_LADDER, _deepest_needed
+
+    def measure(params):  # peaks at nprobe 8, and deeper re-ranking helps, never up to the target
+        recall = 0.5 + 0.04 * RERANK_LADDER.index(params.rerank) - 0.01 * abs(np.log2(params.nprobe) - 3)
+        return recall, recall - 0.01
+
+    tried = []
+    params, (recall, _) = _deepest_needed(
+        SearchParams(nprobe=1, rerank=2), 1024, lambda p: tried.append(p) or measure(p), target=0.95
+    )
+    assert (params.nprobe, params.rerank) == (8, RERANK_LADDER[-1])
+    assert max(p.nprobe for p in tried) == 64  # the climb stops once recall has fallen 0.02 below its best
+    assert recall == pytest.approx(0.5 + 0.04 * (len(RERANK_LADDER) - 1))
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])  # ivfpqfs: tests/test_retrieval_kinds.py

@@ -29,9 +29,9 @@ def test_candidates_follow_the_memory_budget():
     def factories(budget, n=1_000_000, d=512):
         return [(s.factory, s.on_disk) for s in candidates(n, d, budget)]
 
-    assert factories(8 * GIB) == [("IVF4096,Flat", False), ("IVF4096,SQ8", False), ("IVF4096,PQ64x4fs", False)]
-    assert factories(GIB) == [("IVF4096,SQ8", False), ("IVF4096,PQ64x4fs", False)]  # 2 GB of floats do not fit
-    assert factories(256 << 20) == [("IVF4096,PQ64x4fs", False)]  # 40 MB of codes + 8 MB of centroids do
+    assert factories(8 * GIB) == [("IVF4096,Flat", False), ("IVF4096,SQ8", False), ("IVF4096,PQ32x4fs", False)]
+    assert factories(GIB) == [("IVF4096,SQ8", False), ("IVF4096,PQ32x4fs", False)]  # 2 GB of floats do not fit
+    assert factories(256 << 20) == [("IVF4096,PQ32x4fs", False)]  # 24 MB of codes and ids + 8 MB of centroids do
     # ... but not at 100 MB: building them (training sample, codebooks, a block) needs 175 MB
     assert factories(100 << 20) == [("OPQ32_512,IVF4096,PQ32np", True)]
     assert factories(10 << 20) == [("OPQ32_512,IVF4096,PQ32np", True)]  # nothing fits in RAM: lists on disk
@@ -42,9 +42,9 @@ def test_candidates_follow_the_memory_budget():
 
 def test_fast_scan_and_sq_kinds():
     fs = make_spec("ivfpqfs", 1_000_000, 512)
-    assert (fs.factory, fs.fast_scan, fs.rerank, fs.bytes_per_vector(512)) == ("IVF4096,PQ64x4fs", True, True, 40)
+    assert (fs.factory, fs.fast_scan, fs.rerank, fs.bytes_per_vector(512)) == ("IVF4096,PQ32x4fs", True, True, 24)
     assert not make_spec("ivfpq", 1_000_000, 512).fast_scan
-    assert (default_fast_scan_m(512), default_fast_scan_m(32), default_fast_scan_m(768)) == (64, 16, 64)
+    assert (default_fast_scan_m(512), default_fast_scan_m(32), default_fast_scan_m(768)) == (32, 16, 48)
     with pytest.raises(ValueError, match="fast-scan"):
         make_spec("ivfpqfs", 1_000_000, 512, on_disk=True)
     with pytest.raises(ValueError, match="divide"):

@@ -127,3 +127,6 @@ def test_budget_too_small_names_the_minimum(tmp_path):
     in_ram = make_spec("ivf", n, d)  # keeping 400 MB of lists in RAM: the error says to put them on disk
     with pytest.raises(ValueError, match="--on-disk"):
         plan_build(in_ram, n, d, 256 << 20)
+    fast_scan = make_spec("ivfpqfs", n, d)  # its lists cannot go on disk: the error names the kind that can
+    with pytest.raises(ValueError, match="--kind ivfpq --on-disk"):
+        plan_build(fast_scan, n, d, 32 << 20)
