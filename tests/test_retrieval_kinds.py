@@ -32,7 +32,7 @@ def test_candidates_follow_the_memory_budget():
     assert factories(8 * GIB) == [("IVF4096,Flat", False), ("IVF4096,SQ8", False), ("IVF4096,PQ32x4fs", False)]
     assert factories(GIB) == [("IVF4096,SQ8", False), ("IVF4096,PQ32x4fs", False)]  # 2 GB of floats do not fit
     assert factories(256 << 20) == [("IVF4096,PQ32x4fs", False)]  # 24 MB of codes and ids + 8 MB of centroids do
-    # ... but not at 100 MB: building them (training sample, codebooks, a block) needs 175 MB
+    # ... but not at 100 MB: building them (training sample, codebooks, a block) needs 196 MiB
     assert factories(100 << 20) == [("OPQ32_512,IVF4096,PQ32np", True)]
     assert factories(10 << 20) == [("OPQ32_512,IVF4096,PQ32np", True)]  # nothing fits in RAM: lists on disk
     assert factories(8 * GIB, n=10_000) == [("Flat", False)]
