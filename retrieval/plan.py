@@ -10,7 +10,10 @@ What a trial measures is then scaled to the collection's size:
   sample's training and adding times are scaled by those products at the full size;
 - query milliseconds: the time per query at the tuned knobs grows with the collection as a power law,
   its exponent fitted between the two sample sizes (clamped to [0.2, 1]: between a graph's and a
-  scan's growth); the full index is tuned again after the build, so this is an estimate.
+  scan's growth). A sample's lists sit in the CPU's cache, the collection's do not: the bytes a query
+  reads at full size (the lists it visits, `nprobe` grown with the number of lists as it grew between
+  the two samples, and the vectors it re-ranks) cost their time at the RAM bandwidth measured here, on
+  top. The full index is tuned again after the build, so this is an estimate.
 
 The candidate kept is the fastest one that reaches the target; with `max_query_ms`, the smallest in
 memory among those estimated under it. A build records the estimate next to what it measured.
@@ -18,6 +21,7 @@ memory among those estimated under it. A build records the estimate next to what
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -28,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .index import VectorIndex, _train_size, exact_search
-from .kinds import IndexSpec, candidates, format_bytes, make_spec
+from .kinds import ID_BYTES, IndexSpec, candidates, format_bytes, make_spec
 from .tuning import tune
 from .vectors import VectorStore, write_vectors
 
@@ -39,6 +43,7 @@ logger = logging.getLogger(__name__)
 SAMPLE = 50_000  # vectors a trial builds on: enough lists to tune like the full index, seconds to build
 _GROWTH = (0.2, 1.0)  # bounds of the fitted exponent of query time in the collection size
 _REPEATS = 2
+_BANDWIDTH_BYTES = 256 << 20  # read to measure RAM bandwidth: well above a server CPU's last-level cache
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,8 @@ def plan_index(
         raise ValueError(f"max_query_ms must be positive, got {max_query_ms}; e.g. 5")
     d = sample.shape[1]
     specs = specs or _candidates(n, d, memory_budget, on_disk)
-    estimates = [_trial(spec, sample, xq, n, k, target_recall) for spec in specs]
+    bandwidth = ram_bandwidth(min(_BANDWIDTH_BYTES, memory_budget // 8))
+    estimates = [_trial(spec, sample, xq, n, k, target_recall, bandwidth) for spec in specs]
     for estimate in estimates:
         logger.info("plan: %s", estimate.line())
     index = _pick(estimates, max_query_ms)
@@ -175,8 +181,11 @@ def _pick(estimates: list[Estimate], max_query_ms: float | None) -> int:
     return min(quick, key=lambda i: (estimates[i].bytes_per_vector, estimates[i].query_ms))
 
 
-def _trial(spec: IndexSpec, sample: np.ndarray, xq: np.ndarray, n: int, k: int, target: float) -> Estimate:
-    """Builds and tunes `spec`'s kind at a quarter of the sample and at all of it, then extrapolates."""
+def _trial(
+    spec: IndexSpec, sample: np.ndarray, xq: np.ndarray, n: int, k: int, target: float, bandwidth: float
+) -> Estimate:
+    """Builds and tunes `spec`'s kind at a quarter of the sample and at all of it, then extrapolates
+    (`bandwidth`: the RAM's, in bytes a second)."""
     sizes = sorted({max(1, len(sample) // 4), len(sample)})
     runs = [_run(spec, sample[:size], xq, k, target) for size in sizes]
     small, large = runs[0], runs[-1]
@@ -194,8 +203,42 @@ def _trial(spec: IndexSpec, sample: np.ndarray, xq: np.ndarray, n: int, k: int, 
         large.params,
         spec.bytes_per_vector(sample.shape[1]) + 4 * sample.shape[1] * spec.nlist / max(1, n),
         large.train_seconds * points * lists + large.add_seconds * scale * lists,
-        large.query_ms * scale**growth,
+        large.query_ms * scale**growth + 1000 * _bytes_read(spec, sample.shape[1], n, k, small, large) / bandwidth,
     )
+
+
+def _bytes_read(spec: IndexSpec, d: int, n: int, k: int, small: "_Run", large: "_Run") -> float:
+    """Bytes a query reads from RAM in the full index: the codes of the lists it visits and the full
+    vectors it re-ranks (at the knobs tuned on the sample; nothing for exact search and graphs, whose
+    trial times already grow with the collection)."""
+    rerank = large.params.get("rerank", 0) * k * 4 * d
+    if not spec.nlist:
+        return rerank
+    nprobe = _full_nprobe(small, large, spec.nlist)
+    return nprobe * n / spec.nlist * (spec.bytes_per_vector(d) - ID_BYTES) + rerank
+
+
+def _full_nprobe(small: "_Run", large: "_Run", nlist: int) -> float:
+    """The lists a query will visit among `nlist`: the larger sample's tuned `nprobe`, grown with the
+    number of lists as it grew from the smaller sample to the larger (nprobe ~ nlist^a, a in [0, 1])."""
+    low, high = small.params.get("nprobe", 0), large.params.get("nprobe", 0)
+    growth = 0.0
+    if low and high and large.nlist > small.nlist:
+        growth = min(max(math.log(high / low) / math.log(large.nlist / small.nlist), 0.0), 1.0)
+    return min(nlist, high * (nlist / max(1, large.nlist)) ** growth)
+
+
+@functools.cache
+def ram_bandwidth(size: int = _BANDWIDTH_BYTES) -> float:
+    """Bytes a second one thread reads from an array of `size` bytes (RAM when it exceeds the caches):
+    the best of three sums, measured once a process."""
+    block = np.ones(max(1, size // 4), np.float32)
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        block.sum()
+        best = min(best, time.perf_counter() - start)
+    return block.nbytes / max(best, 1e-9)
 
 
 @dataclass(frozen=True)
@@ -277,16 +320,28 @@ def plan_record(
 
     size = (directory / INDEX_FILE).stat().st_size
     actual = measured(vindex, xq, plan.k, recall, plan.target_recall, build_seconds, size)
+    if plan.max_query_ms is not None and actual.query_ms > plan.max_query_ms:
+        logger.warning(
+            "%s measured %.3f ms a query, over --max-query-ms %g (estimated %.3f ms from the sample)",
+            actual.factory, actual.query_ms, plan.max_query_ms, plan.estimate.query_ms,
+        )
     return {**plan.to_dict(), "actual": asdict(actual)}
 
 
 def compare(record: dict) -> str:
     """The estimate of a planned build next to what it measured, for the build's summary line."""
-    est, real = record["estimate"], record["actual"]
+    est, real, limit = record["estimate"], record["actual"], record.get("max_query_ms")
+    over = limit is not None and real["query_ms"] > limit
     return (
         f"estimated {format_bytes(est['bytes_per_vector'])}/vector, build {_duration(est['build_seconds'])}, "
         f"{est['query_ms']:.3f} ms/query; measured {format_bytes(real['bytes_per_vector'])}/vector, "
         f"build {_duration(real['build_seconds'])}, {real['query_ms']:.3f} ms/query"
+        + (
+            f" (over --max-query-ms {limit:g}: the estimate came from a sample; `vlm index plan` lists the"
+            " other kinds, and --kind builds one of them)"
+            if over
+            else ""
+        )
     )
 
 

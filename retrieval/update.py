@@ -232,7 +232,7 @@ def _commit(
     if vindex.needs_compaction():
         logger.info("rebuilding the %s graph without its %d tombstones", spec.factory, vindex.dead)
         params = vindex.params
-        vindex = VectorIndex.build(spec, store, vdir)
+        vindex = VectorIndex.build(spec, store, vdir, memory_budget=manifest.memory_budget)  # the build's budget
         vindex.params = params
     new.tuning = _retune(vindex, old_dir, vdir, manifest.tuning)
     vindex.write(vdir)

@@ -3,6 +3,7 @@ and `vlm index plan` / a planned `vlm index build` end to end."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from test_retrieval_support import write_images
 import vlm
 from retrieval import plan as plan_module
 from retrieval.kinds import IndexSpec, candidates, choose_spec, default_fast_scan_m, make_spec
-from retrieval.plan import Estimate, _pick, _Run, _trial, plan_index
+from retrieval.plan import Estimate, _full_nprobe, _pick, _Run, _trial, compare, plan_index, ram_bandwidth
 from vlm.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the synthetic data is benchmark data
@@ -83,13 +84,29 @@ def test_trial_extrapolates_by_size(monkeypatch):
     }
     monkeypatch.setattr(plan_module, "_run", lambda spec, xb, xq, k, target: runs[len(xb)])
     spec = make_spec("ivf", 16_000, 8)  # 16x the sample: 2 ms * 16^0.5
-    estimate = _trial(spec, np.zeros((1000, 8), np.float32), np.zeros((5, 8), np.float32), 16_000, 10, 0.95)
+    sample, xq = np.zeros((1000, 8), np.float32), np.zeros((5, 8), np.float32)
+    estimate = _trial(spec, sample, xq, 16_000, 10, 0.95, bandwidth=math.inf)
     assert estimate.query_ms == pytest.approx(8.0)
+    # from RAM: 3 lists of 16_000 / nlist 32-byte vectors a query (no nprobe on the smaller sample: not grown)
+    slow = _trial(spec, sample, xq, 16_000, 10, 0.95, bandwidth=1e6)
+    assert slow.query_ms == pytest.approx(8.0 + 1000 * 3 * 16_000 / spec.nlist * 32 / 1e6)
     assert (estimate.recall, estimate.reached, estimate.params) == (0.97, True, {"nprobe": 3})
     lists = spec.nlist / large.nlist
     points = min(16_000, max(65_536, spec.nlist * 40)) / 1000
     assert estimate.build_seconds == pytest.approx(2.0 * points * lists + 3.0 * 16 * lists)
     assert estimate.bytes_per_vector == pytest.approx(8 * 4 + 8 + 4 * 8 * spec.nlist / 16_000)
+
+
+def test_full_size_nprobe_grows_with_the_lists_as_it_grew_between_the_samples():
+    def run(nlist, nprobe):
+        return _Run(make_spec("ivf", 100, 8), nlist, 0.96, True, {"nprobe": nprobe}, 1.0, 1.0, 1.0)
+
+    # 4 of 256 lists, then 6 of 1024: nprobe ~ nlist^0.29, so 9 of 4096
+    assert _full_nprobe(run(256, 4), run(1024, 6), 4096) == pytest.approx(9.0)
+    assert _full_nprobe(run(256, 6), run(1024, 4), 4096) == 4  # fewer at the larger sample: not shrunk
+    assert _full_nprobe(run(256, 1), run(1024, 64), 4096) == 256  # at most proportional to the lists
+    assert _full_nprobe(run(256, 200), run(1024, 1024), 4096) == 4096  # every list, not more
+    assert ram_bandwidth(8 << 20) > 1e8  # bytes a second, measured
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +172,15 @@ def test_plan_command_on_embeddings_and_a_planned_build(data, model_dir, tmp_pat
     record = IndexDirectory(out_dir).read_manifest().tuning["plan"]
     assert record["chosen"]["factory"] == IndexDirectory(out_dir).read_manifest().spec["factory"]
     assert record["actual"]["bytes_per_vector"] > 0 and record["actual"]["build_seconds"] > 0
+
+
+def test_a_build_slower_than_its_query_budget_says_so():
+    figures = {"bytes_per_vector": 528, "build_seconds": 40}
+    record = {"max_query_ms": 0.2, "estimate": {**figures, "query_ms": 0.13}, "actual": {**figures, "query_ms": 0.17}}
+    assert "over" not in compare(record) and "0.170 ms/query" in compare(record)
+    record["actual"]["query_ms"] = 0.25
+    assert "over --max-query-ms 0.2" in compare(record) and "vlm index plan" in compare(record)
+    assert "over" not in compare({**record, "max_query_ms": None})
 
 
 def test_fast_scan_ids_survive_removes_and_re_adds(data, tmp_path):

@@ -283,6 +283,26 @@ def test_updates_of_every_kind_hold_exactly_the_stored_vectors(kind, on_disk, ba
         assert tuning["reached"] and tuning["count"] == report.count, name  # re-measured on this version
 
 
+def test_rebuilding_a_graph_without_its_tombstones_keeps_the_build_memory_budget(batches, model, tmp_path, monkeypatch):
+    from retrieval.index import VectorIndex
+
+    first, _ = batches
+    directory = tmp_path / "index"
+    budget = 300 << 20
+    build_index(first, directory, model, options=replace(FAST, kind="hnsw", memory_budget=budget))
+    build, budgets = VectorIndex.build.__func__, []
+
+    def recording_build(cls, spec, store, directory, **options):
+        budgets.append(options.get("memory_budget"))
+        return build(cls, spec, store, directory, **options)
+
+    monkeypatch.setattr(VectorIndex, "build", classmethod(recording_build))
+    report = remove_from_index(directory, where="folder = 'green'")  # a third of the graph: compaction
+    assert report.count == 160 - report.removed and report.removed > 40
+    assert budgets == [budget]  # not half the machine's memory
+    _assert_index_matches_its_vectors(SearchIndex.open(directory, model=model))
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_an_update_that_misses_the_target_recall_is_refused(kind, batches, model, tmp_path, monkeypatch):
     first, second = batches
