@@ -1,12 +1,13 @@
 """Search index kinds on clustered synthetic vectors: build time, memory, queries/s and recall@10.
 
-    .venv/bin/python bench/bench_retrieval.py [--n 1000000] [--d 512] [--kinds ivf,ivfpqfs,ivfpq,auto]
+    .venv/bin/python bench/bench_retrieval.py [--n 1000000] [--d 512] [--kinds ivf,ivfpqfs,ivfpq16,auto]
                                               [--memory-budget 4G] [--max-query-ms 1] [--target 0.95] [--draft]
 
 The database is `clustered_vectors` of bench/synthetic.py (image-like clusters); the queries come from its
-shifted "text" distribution, as text queries to an image index do. Half the queries tune each index
-(`retrieval.tuning.tune`, target recall@10 `--target`, `--compressed-target` for IVF-PQ); the other half
-measure it. Every kind is compared with exact search (FAISS IndexFlatIP, all queries in one batch, so
+shifted "text" distribution, as text queries to an image index do. A kind is a name of `retrieval.kinds`
+(`-disk`: inverted lists on disk; digits after an IVF-PQ kind: bytes a code, as in `ivfpq16`). Half the
+queries tune each index (`retrieval.tuning.tune`, target recall@10 `--target`, `--compressed-target` for
+IVF-PQ); the other half measure it. Every kind is compared with exact search (FAISS IndexFlatIP, all queries in one batch, so
 BLAS runs at full speed) measured in the same run: recall@10 against its results, and queries per second
 as a ratio to its queries per second. Memory per vector is what the index holds in RAM (the size of its
 index file; on-disk lists and the full vectors used for re-ranking are memory-mapped files and are
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -104,10 +106,12 @@ def main() -> None:
     )
     for name in args.kinds.split(","):
         kind, on_disk = name.removesuffix("-disk"), name.endswith("-disk")
+        kind, pq_m = re.fullmatch(r"(.*?)(\d*)", kind).groups()  # ivfpq16: 16-byte codes
         if kind == "auto":
             spec = auto_spec(store, tune_q, budget, args)
         else:
-            spec = make_spec(kind, args.n, args.d, memory_budget=budget, on_disk=on_disk or None)
+            pq_m = int(pq_m) if pq_m else None
+            spec = make_spec(kind, args.n, args.d, memory_budget=budget, on_disk=on_disk or None, pq_m=pq_m)
         label = f"auto -> {spec.kind}{'-disk' if spec.on_disk else ''}" if kind == "auto" else name
         if spec in done:
             rows.append((label, *done[spec][1:]))

@@ -66,8 +66,14 @@ class BuildOptions:
     embed: EmbedOptions = field(default_factory=EmbedOptions)
     threads: int | None = None  # FAISS threads; None: this process's share of the CPUs
     max_query_ms: float | None = None  # auto: prefer the smallest kind estimated under this (retrieval.plan)
+    pq_m: int | None = None  # ivfpq: bytes a code; ivfpqfs: 4-bit sub-quantizers; None: the kind's default
 
     def __post_init__(self) -> None:
+        if self.pq_m is not None and (self.pq_m <= 0 or self.kind not in ("ivfpq", "ivfpqfs")):
+            raise ValueError(
+                f"BuildOptions.pq_m is for --kind ivfpq or ivfpqfs (a positive number), got {self.pq_m} with kind "
+                f"{self.kind!r}; drop --pq-m or name one of those kinds"
+            )
         if self.k <= 0:
             raise ValueError(f"BuildOptions.k must be positive, got {self.k}")
         if not 0 < self.target_recall <= 1:
@@ -241,7 +247,12 @@ def index_vectors(
     index and the tuning record (with a planned build's estimate beside its measured figures)."""
     plan = plan_for_build(store, xq, options, build_budget(options))
     spec = plan.chosen if plan else make_spec(
-        options.kind, len(store), store.dim, memory_budget=build_budget(options), on_disk=options.on_disk
+        options.kind,
+        len(store),
+        store.dim,
+        memory_budget=build_budget(options),
+        on_disk=options.on_disk,
+        pq_m=options.pq_m,
     )
     logger.info("indexing %d vectors with %s%s", len(store), spec.factory, " (on-disk lists)" if spec.on_disk else "")
     started = time.perf_counter()

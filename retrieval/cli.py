@@ -72,6 +72,12 @@ def _build(argv: list[str]) -> int:
         default="auto",
         help="auto, flat, hnsw, hnswsq, ivf, ivfpq, ivfpqfs or a FAISS factory string (default: auto)",
     )
+    parser.add_argument(
+        "--pq-m",
+        type=int,
+        default=None,
+        help="ivfpq: bytes a code (16 on 512-d: 34 bytes a vector in RAM at 1M); ivfpqfs: 4-bit sub-quantizers",
+    )
     _add_tuning_arguments(parser)
     disk = parser.add_mutually_exclusive_group()
     disk.add_argument(
@@ -91,7 +97,7 @@ def _build(argv: list[str]) -> int:
     if (args.source is None) == (args.embeddings is None):
         parser.error("give a SOURCE to embed, or --embeddings DIR (embeddings made elsewhere), not both")
     tune_texts = _tune_texts(args)
-    options = _options(args, kind=args.kind, on_disk=args.on_disk, **_tuning_options(args))
+    options = _options(args, kind=args.kind, on_disk=args.on_disk, pq_m=args.pq_m, **_tuning_options(args))
     if args.embeddings is not None:
         return _build_from_embeddings(args, options, tune_texts)
     model, model_source = _model(args)

@@ -177,8 +177,12 @@ def choose_spec(n: int, d: int, memory_budget: int) -> IndexSpec:
 
 def candidates(n: int, d: int, memory_budget: int) -> list[IndexSpec]:
     """The kinds `auto` may build for `n` vectors of dimension `d` within `memory_budget` bytes, most
-    accurate first: exact search alone for small collections; else those of IVF-Flat, IVF-SQ8 and
-    fast-scan IVF-PQ (IVF-PQ for odd d) that fit; IVF-PQ with on-disk lists when none does."""
+    accurate first: exact search alone for small collections; else those of IVF-Flat, IVF-SQ8 and a compact
+    kind that fit; IVF-PQ with on-disk lists when none does. The compact kind is OPQ + IVF-PQ with codes as
+    short as fast scan's where that fits and has the vectors to train 8-bit codes, else fast-scan IVF-PQ
+    (for odd d, IVF-PQ): at equal bytes 8-bit OPQ codes rank better than 4-bit ones and need fewer
+    candidates re-ranked (1M x 512, 16-byte codes: 320 against 1,280 for recall@10 0.96, 3.1x the queries
+    a second), which trials on a 50,000-vector sample cannot see (both re-rank 160 or 320 there)."""
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}; pass e.g. '4G'")
     room = memory_budget * BUDGET_FRACTION
@@ -187,12 +191,19 @@ def candidates(n: int, d: int, memory_budget: int) -> list[IndexSpec]:
     nlist = default_nlist(n)
     specs = [IndexSpec("ivf", f"IVF{nlist},Flat", nlist=nlist), make_spec("ivfsq", n, d)]
     pq = _ivfpq(n, d, default_pq_m(d))
-    specs.append(_fast_scan(n, d, default_fast_scan_m(d)) if d % 2 == 0 else pq)  # fast scan pairs 4-bit codes
+    if d % 2 == 0:  # fast scan pairs 4-bit codes
+        fast = _fast_scan(n, d, default_fast_scan_m(d))
+        short = _ivfpq(n, d, fast.pq_m // 2)
+        specs += [short, fast] if short.factory.startswith("OPQ") else [fast]
+    else:
+        specs.append(pq)
     fit = [
         s
         for s in specs
         if n * (s.bytes_per_vector(d) + 4 * d * s.nlist / max(n, 1)) <= room and _buildable(s, n, d, memory_budget)
     ]
+    if any(s.kind == "ivfpq" for s in fit):  # one compact kind: fast scan only where OPQ codes do not fit
+        fit = [s for s in fit if not s.fast_scan]
     return fit or [replace(pq, on_disk=True)]
 
 

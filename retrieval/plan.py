@@ -207,10 +207,10 @@ def _trial(
     )
 
 
-def _bytes_read(spec: IndexSpec, d: int, n: int, k: int, small: "_Run", large: "_Run") -> float:
-    """Bytes a query reads from RAM in the full index: the codes of the lists it visits and the full
-    vectors it re-ranks (at the knobs tuned on the sample; nothing for exact search and graphs, whose
-    trial times already grow with the collection)."""
+def _bytes_read(spec: IndexSpec, d: int, n: int, k: int, small: _Run, large: _Run) -> float:
+    """Bytes a query reads from RAM in the full index, at the knobs tuned on the sample: the full vectors
+    it re-ranks, and for IVF kinds the codes of the lists it visits (exact search's and a graph's trial
+    times already grow with the collection)."""
     rerank = large.params.get("rerank", 0) * k * 4 * d
     if not spec.nlist:
         return rerank
@@ -218,7 +218,7 @@ def _bytes_read(spec: IndexSpec, d: int, n: int, k: int, small: "_Run", large: "
     return nprobe * n / spec.nlist * (spec.bytes_per_vector(d) - ID_BYTES) + rerank
 
 
-def _full_nprobe(small: "_Run", large: "_Run", nlist: int) -> float:
+def _full_nprobe(small: _Run, large: _Run, nlist: int) -> float:
     """The lists a query will visit among `nlist`: the larger sample's tuned `nprobe`, grown with the
     number of lists as it grew from the smaller sample to the larger (nprobe ~ nlist^a, a in [0, 1])."""
     low, high = small.params.get("nprobe", 0), large.params.get("nprobe", 0)

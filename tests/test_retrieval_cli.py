@@ -88,6 +88,17 @@ def test_user_mistakes_are_clean_errors(setup, tmp_path, capsys):
     assert main(["index", "frobnicate"]) == 2
 
 
+def test_pq_code_bytes_are_chosen_at_build(setup, tmp_path, capsys):
+    root, *_ = setup
+    out = tmp_path / "pq.index"
+    assert index_build(root, root / "photos", out, "--kind", "ivfpq", "--pq-m", "8", "--no-progress") == 0
+    capsys.readouterr()
+    assert main(["index", "info", str(out), "--json"]) == 0
+    assert ",PQ8x4np" in json.loads(capsys.readouterr().out)["spec"]["factory"]  # 17 vectors: 4-bit codes
+    assert index_build(root, root / "photos", tmp_path / "bad", "--kind", "ivf", "--pq-m", "8") == 1
+    assert "pq_m is for --kind ivfpq or ivfpqfs" in capsys.readouterr().err
+
+
 def index_build(root, source, out, *extra) -> int:
     return main(["index", "build", str(source), "--out", str(out), "--model", str(root / "model"), *extra])
 
