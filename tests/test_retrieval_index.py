@@ -121,8 +121,8 @@ def test_auto_picks_by_size_and_memory():
     assert pq.bytes_per_vector(512) <= 24
     assert pq.factory == "IVF4096,PQ32x4fs"
     assert make_spec("ivfpq", 1_000_000, 512).factory == "OPQ32_512,IVF4096,PQ32np"
-    large = choose_spec(100_000_000, 512, 4 * gib)  # 2.4 GB of fast-scan codes and ids fit in RAM
-    assert (large.kind, large.on_disk) == ("ivfpqfs", False)
+    large = choose_spec(100_000_000, 512, 4 * gib)  # 2.4 GB of 16-byte codes and ids fit in RAM: OPQ's 8-bit ones
+    assert (large.kind, large.on_disk, large.pq_m) == ("ivfpq", False, 16)
     huge = choose_spec(200_000_000, 512, 4 * gib)  # 4.8 GB do not: IVF-PQ with its lists on disk
     assert (huge.kind, huge.on_disk) == ("ivfpq", True)
     assert choose_spec(60_000, 512, 4 * gib).kind == "ivf"  # past the exact-search size
