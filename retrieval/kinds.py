@@ -181,7 +181,7 @@ def candidates(n: int, d: int, memory_budget: int) -> list[IndexSpec]:
     kind that fit; IVF-PQ with on-disk lists when none does. The compact kind is OPQ + IVF-PQ with codes as
     short as fast scan's where that fits and has the vectors to train 8-bit codes, else fast-scan IVF-PQ
     (for odd d, IVF-PQ): at equal bytes 8-bit OPQ codes rank better than 4-bit ones and need fewer
-    candidates re-ranked (1M x 512, 16-byte codes: 320 against 1,280 for recall@10 0.96, 3.1x the queries
+    candidates re-ranked (1M x 512, 16-byte codes: 320 against 1,280 for recall@10 0.96, 3.2x the queries
     a second), which trials on a 50,000-vector sample cannot see (both re-rank 160 or 320 there)."""
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}; pass e.g. '4G'")
