@@ -1,7 +1,8 @@
 """An index build larger than the memory budget: peak memory against the budget, build time, recall, speed.
 
     .venv/bin/python bench/bench_retrieval_scale.py [--n 5000000] [--d 512] [--memory-budget 2G]
-                                                    [--kind ivfpq] [--in-memory] [--nq 200] [--workdir DIR]
+                                                    [--kind ivfpq] [--pq-m 64] [--in-memory] [--nq 200]
+                                                    [--workdir DIR]
 
 The vectors are generated shard by shard straight into a memory-mapped vector store, never all in RAM:
 each shard of `--shard-rows` is one `clustered_vectors` draw of bench/synthetic.py under its own seed (its
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--memory-budget", default="2G")
     parser.add_argument("--kind", default="ivfpq", help="auto: the kind and list placement a build picks")
     parser.add_argument("--in-memory", action="store_true", help="inverted lists in RAM (default: on disk)")
+    parser.add_argument("--pq-m", type=int, default=None, help="ivfpq: bytes a code (default: the kind's)")
     parser.add_argument("--nq", type=int, default=200, help="queries measured (as many again tune the index)")
     parser.add_argument("--target", type=float, default=0.9, help="recall@10 tuning aims at")
     parser.add_argument("--shard-rows", type=int, default=100_000)
@@ -68,7 +70,7 @@ def main() -> None:
     truth = exact_search(eval_q, store, K)
     t_exact = time.perf_counter() - start
     on_disk = None if args.kind == "auto" else not args.in_memory  # auto: as a build decides it
-    spec = make_spec(args.kind, args.n, args.d, memory_budget=budget, on_disk=on_disk)
+    spec = make_spec(args.kind, args.n, args.d, memory_budget=budget, on_disk=on_disk, pq_m=args.pq_m)
     directory = work / "index"
     directory.mkdir(exist_ok=True)
     with MemoryPeak() as peak:
