@@ -5,15 +5,15 @@
 
 The database is `clustered_vectors` of bench/synthetic.py (image-like clusters); the queries come from its
 shifted "text" distribution, as text queries to an image index do. A kind is a name of `retrieval.kinds`
-(`-disk`: inverted lists on disk; digits after an IVF-PQ kind: bytes a code, as in `ivfpq16`). Half the
-queries tune each index (`retrieval.tuning.tune`, target recall@10 `--target`, `--compressed-target` for
-IVF-PQ); the other half measure it. Every kind is compared with exact search (FAISS IndexFlatIP, all queries in one batch, so
-BLAS runs at full speed) measured in the same run: recall@10 against its results, and queries per second
-as a ratio to its queries per second. Memory per vector is what the index holds in RAM (the size of its
-index file; on-disk lists and the full vectors used for re-ranking are memory-mapped files and are
-reported as disk). `auto` runs `retrieval.plan` on the tuning queries (trials on a sample) and prints
-its estimate next to what the chosen kind then measured. `--draft` also measures reduced-size JPEG
-decoding against full decoding.
+(`-disk`: inverted lists on disk; digits after `ivfpq` or `ivfpqfs`: its `--pq-m`, as in `ivfpq16`). Half
+the queries tune each index (`retrieval.tuning.tune`, target recall@10 `--target`, `--compressed-target`
+for IVF-PQ); the other half measure it. Every kind is compared with exact search (FAISS IndexFlatIP, all
+queries in one batch, so BLAS runs at full speed) measured in the same run: recall@10 against its results,
+and queries per second as a ratio to its queries per second. Memory per vector is what the index holds
+in RAM (the size of its index file; on-disk lists and the full vectors used for re-ranking are
+memory-mapped files and are reported as disk). `auto` runs `retrieval.plan` on the tuning queries
+(trials on a sample) and prints its estimate next to what the chosen kind then measured. `--draft` also
+measures reduced-size JPEG decoding against full decoding.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def main() -> None:
     )
     for name in args.kinds.split(","):
         kind, on_disk = name.removesuffix("-disk"), name.endswith("-disk")
-        kind, pq_m = re.fullmatch(r"(.*?)(\d*)", kind).groups()  # ivfpq16: 16-byte codes
+        coded = re.fullmatch(r"(ivfpq|ivfpqfs)(\d+)", kind)  # ivfpq16: 16-byte codes (factory strings untouched)
+        kind, pq_m = coded.groups() if coded else (kind, None)
         if kind == "auto":
             spec = auto_spec(store, tune_q, budget, args)
         else:
